@@ -1,0 +1,37 @@
+# make test   create .venv if missing, install runtime + test requirements, run the suite
+# make demo   install runtime requirements and run the forward benchmark on a small Swin
+#             (becomes the demo pretraining run once training lands)
+PYTHON ?= python3
+VENV := .venv
+PIP := $(VENV)/bin/pip
+# timm 0.5.4 is what the Ark reference code runs on; the interop tests load our
+# 'ark' exports into it (in a subprocess, next to the current timm).
+TIMM_054 := $(VENV)/timm054
+
+.PHONY: test demo install install-test clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -U pip
+
+$(VENV)/.installed: requirements.txt | $(VENV)/bin/python
+	$(PIP) install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.installed-test: requirements.txt requirements-test.txt $(VENV)/.installed
+	$(PIP) install -q -r requirements.txt -r requirements-test.txt
+	$(PIP) install -q --no-deps --target $(TIMM_054) timm==0.5.4
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+test: install-test
+	$(VENV)/bin/python -m pytest -q tests
+
+demo: install
+	$(VENV)/bin/python -m ark_jax.benchmark --config=configs/ark6.py:swin_tiny,128,4 \
+	  --mode=forward --config.batch_size=8 --steps=5
+
+clean:
+	rm -rf $(VENV)

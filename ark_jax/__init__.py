@@ -1,0 +1,1 @@
+"""ark_jax: Ark+ foundation-model pretraining in JAX/Flax."""

@@ -1,0 +1,166 @@
+"""Building blocks shared by the backbones: Linear/LayerNorm/Conv with timm's
+initialisation and logical axis names, the MLP, stochastic depth, and logical
+sharding constraints on activations.
+
+Attribute names follow timm (`fc1`, `norm1`, `qkv`, ...) so that an NNX state
+path such as `layers.1.blocks.0.attn.qkv.kernel` is one transpose away from
+timm's `layers.1.blocks.0.attn.qkv.weight` (see ark_jax/interop.py).
+
+Parameters are float32 (`param_dtype`); `dtype` is the computation dtype
+(bfloat16 on GPU/TPU). LayerNorm statistics and softmax always run in float32.
+
+Logical parameter axes used by the sharding rules (ark_jax/sharding.py):
+  'embed'  the residual width C       'mlp'   the hidden width of an MLP
+  'heads'  the q/k/v/attention width  'patch' a flattened input patch
+  'norm'   LayerNorm vectors          'proj'  the Ark projector width
+  'dataset', 'classes'                the stacked Ark heads
+"""
+
+from collections.abc import Sequence
+import functools
+
+from flax import nnx
+from flax.core import spmd as core_spmd
+import jax
+import jax.numpy as jnp
+
+# timm initialises Linear weights with trunc_normal(std=0.02) and zero biases.
+TRUNC_NORMAL_02 = nnx.initializers.truncated_normal(stddev=0.02, lower=-2.0 / 0.02, upper=2.0 / 0.02)
+ZEROS = nnx.initializers.zeros_init()
+ONES = nnx.initializers.ones_init()
+
+
+def torch_default_uniform(fan_in: int):
+  """PyTorch's default Linear init, U(-1/sqrt(fan_in), +1/sqrt(fan_in)), for weights and biases."""
+  bound = 1.0 / fan_in**0.5
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def linear(in_features: int, out_features: int, axes: tuple[str | None, str | None], *,
+           use_bias: bool = True, dtype=jnp.float32, kernel_init=TRUNC_NORMAL_02,
+           bias_init=ZEROS, rngs: nnx.Rngs) -> nnx.Linear:
+  """nnx.Linear with float32 params, a compute dtype and logical axis names."""
+  return nnx.Linear(
+      in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+      kernel_init=nnx.with_partitioning(kernel_init, axes),
+      bias_init=nnx.with_partitioning(bias_init, (axes[1],)),
+      precision=jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None,
+      rngs=rngs)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis, statistics in float32, timm's eps by default."""
+
+  def __init__(self, features: int, *, eps: float = 1e-5, dtype=jnp.float32, rngs: nnx.Rngs):
+    del rngs  # Deterministic init: ones and zeros.
+    self.scale = nnx.Param(ONES(None, (features,), jnp.float32), out_sharding=('norm',))
+    self.bias = nnx.Param(ZEROS(None, (features,), jnp.float32), out_sharding=('norm',))
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * expand_to(self.scale[...], y.ndim) + expand_to(self.bias[...], y.ndim)).astype(
+        self.dtype)
+
+
+class PatchConv(nnx.Module):
+  """A Conv2d whose stride equals its kernel (patch embedding, downsampling).
+
+  The kernel is stored HWIO like a Flax conv; since patches do not overlap the
+  conv is a reshape and one matmul (as fast as a conv on CPU, faster to
+  compile), with the flattened patch ordered (kh, kw, c_in) like the kernel.
+  """
+
+  def __init__(self, in_channels: int, out_channels: int, patch: int, *, dtype=jnp.float32,
+               rngs: nnx.Rngs, axes=('patch', 'embed')):
+    fan_in = in_channels * patch * patch
+    # PyTorch's default Conv2d init (timm does not re-initialise these convs).
+    init = torch_default_uniform(fan_in)
+    self.kernel = nnx.Param(init(rngs.params(), (patch, patch, in_channels, out_channels)),
+                            out_sharding=(None, None, None, axes[1]))
+    self.bias = nnx.Param(init(rngs.params(), (out_channels,)), out_sharding=(axes[1],))
+    self.patch = patch
+    self.dtype = dtype
+
+  def __call__(self, x_BxHxWxC):
+    b, h, w, c = x_BxHxWxC.shape
+    p = self.patch
+    x = x_BxHxWxC.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(b, h // p, w // p, p * p * c).astype(self.dtype)
+    kernel = self.kernel[...].reshape(p * p * c, -1).astype(self.dtype)
+    y = jnp.dot(x, kernel, precision=_precision(self.dtype))
+    return y + expand_to(self.bias[...].astype(self.dtype), y.ndim)
+
+
+class Mlp(nnx.Module):
+  """fc1 -> exact GELU -> fc2 (timm's Mlp; dropout is 0 in every Ark config)."""
+
+  def __init__(self, dim: int, hidden: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.fc1 = linear(dim, hidden, ('embed', 'mlp'), dtype=dtype, rngs=rngs)
+    self.fc2 = linear(hidden, dim, ('mlp', 'embed'), dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+def expand_to(v, ndim: int):
+  """Leading unit axes so `v` broadcasts against a rank-`ndim` array without rank promotion."""
+  return v.reshape((1,) * (ndim - v.ndim) + v.shape)
+
+
+def drop_path(x, rate: float, key: jax.Array | None):
+  """Stochastic depth: drop the whole residual branch of an example with prob `rate`."""
+  if rate == 0.0 or key is None:
+    return x
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
+def drop_path_rates(rate: float, depths: Sequence[int]) -> list[float]:
+  """timm's linear rule: 0 at the first block to `rate` at the last."""
+  n = sum(depths)
+  return [rate * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
+
+
+def block_key(key: jax.Array | None, index: int) -> jax.Array | None:
+  """The drop-path key of block `index` (None when not training)."""
+  return None if key is None else jax.random.fold_in(key, index)
+
+
+def constrain(x, logical_axes: tuple[str | None, ...]):
+  """Logical sharding constraint on an activation.
+
+  A no-op unless a mesh and logical axis rules are active (nnx.logical_axis_rules
+  under jax.set_mesh), so models run unchanged in tests and on one device.
+  Logical names without a rule are left unsharded.
+  """
+  rules = core_spmd.get_logical_axis_rules()
+  mesh = jax.sharding.get_abstract_mesh()
+  if not rules or mesh is None or mesh.empty:
+    return x
+  mapping = dict(rules)
+  spec = jax.sharding.PartitionSpec(*(mapping.get(name) for name in logical_axes))
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
+@functools.cache
+def _precision(dtype):
+  # Exact float32 matmuls, so parity tests against timm hold to 1e-4 on every
+  # backend (TPUs otherwise run f32 dots in bf16 passes).
+  return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
+def remat_call(fn, module, *args, enabled: bool, **kwargs):
+  """Calls `fn(module, *args, **kwargs)`, under per-block rematerialisation if `enabled`."""
+  if not enabled:
+    return fn(module, *args, **kwargs)
+  return nnx.remat(functools.partial(fn, **kwargs))(module, *args)
