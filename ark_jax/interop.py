@@ -57,6 +57,48 @@ def to_numpy(value) -> np.ndarray:
   return np.asarray(value)
 
 
+def read_state_dict(path: str, key: str | None = None) -> dict[str, np.ndarray]:
+  """A PyTorch checkpoint file as name -> numpy array, loaded safely.
+
+  Args:
+    path: `.safetensors`, or a torch file (`.pth`, `.pth.tar`, `.bin`) read with
+      `torch.load(weights_only=True)`, which refuses pickles that would run code.
+    key: the entry of a dict checkpoint to use; by default the first present of
+      'teacher' (Ark+: downstream uses the teacher), 'state_dict', 'model'
+      (Microsoft's Swin release), or the dict itself when it is flat.
+
+  Raises:
+    ValueError: the file is not a state dict, or `key` is not in it.
+  """
+  if path.endswith('.safetensors'):
+    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    return load_file(path)
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(f'Reading {path} needs PyTorch (pip install torch); safetensors files '
+                      'do not.') from e
+  try:
+    checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... by version
+    raise ValueError(f'{path}: not loadable as a weights-only PyTorch checkpoint ({e}). '
+                     'Files whose pickle would execute code are refused.') from e
+  if not isinstance(checkpoint, Mapping):
+    raise ValueError(f'{path}: expected a dict of tensors, got {type(checkpoint).__name__}.')
+  candidates = [key] if key else ['teacher', 'state_dict', 'model']
+  for name in candidates:
+    if name in checkpoint and isinstance(checkpoint[name], Mapping):
+      checkpoint = checkpoint[name]
+      break
+  else:
+    if key:
+      raise ValueError(f'{path}: no entry {key!r}; entries: {sorted(checkpoint)[:20]}.')
+  tensors = {k: to_numpy(v) for k, v in checkpoint.items() if hasattr(v, 'shape')}
+  if not tensors:
+    raise ValueError(f'{path}: no tensors found (entries: {sorted(checkpoint)[:20]}).')
+  return tensors
+
+
 def strip_module_prefix(state_dict: Mapping) -> dict:
   """Drops DataParallel's `module.` prefix; keeps only prefixed keys if any have it.
 

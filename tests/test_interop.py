@@ -214,3 +214,37 @@ def test_unknown_model_name_and_bad_size():
     interop.load_backbone({}, 'resnet50')
   with pytest.raises(ValueError, match='divisible by 32'):
     interop.load_backbone({}, SWIN_T, img_size=100)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def test_read_state_dict_from_torch_and_safetensors_files(tmp_path, timm_swin, x_nchw):
+  from safetensors.numpy import save_file
+  sd = {k: v.clone() for k, v in timm_swin.state_dict().items()}
+  want = forward(interop.load_backbone(sd, SWIN_T, **SMALL), x_nchw)
+  # Microsoft's release wraps the weights in {'model': ...}; Ark in {'teacher': ..., 'state_dict': ...}.
+  torch.save({'model': to_old_layout(sd)}, tmp_path / 'ms.pth')
+  torch.save({'teacher': {f'module.{k}': v for k, v in sd.items()}, 'state_dict': {},
+              'epoch': 3}, tmp_path / 'ark.pth.tar')
+  save_file(interop.backbone_state_dict(interop.load_backbone(sd, SWIN_T, **SMALL)),
+            str(tmp_path / 'timm.safetensors'))
+  for name in ('ms.pth', 'ark.pth.tar', 'timm.safetensors'):
+    loaded = interop.load_backbone(interop.read_state_dict(str(tmp_path / name)), SWIN_T, **SMALL)
+    np.testing.assert_array_equal(forward(loaded, x_nchw), want, err_msg=name)
+  with pytest.raises(ValueError, match="no entry 'student'"):
+    interop.read_state_dict(str(tmp_path / 'ark.pth.tar'), key='student')
+
+
+class _RunsCode:
+  def __reduce__(self):
+    return (os.system, ('echo pwned',))
+
+
+def test_pickles_that_run_code_are_refused(tmp_path):
+  import pickle
+  path = tmp_path / 'evil.pth'
+  with open(path, 'wb') as f:
+    pickle.dump({'model': _RunsCode()}, f)
+  with pytest.raises(ValueError, match='weights-only'):
+    interop.read_state_dict(str(path))
