@@ -112,16 +112,17 @@ def strip_module_prefix(state_dict: Mapping) -> dict:
 
 def _to_torch_array(path: tuple, value: np.ndarray) -> tuple[str, np.ndarray]:
   leaf = path[-1]
-  name = '.'.join(str(p) for p in path[:-1])
+  # Leaves directly on the root module (ViT's cls_token) have no module prefix.
+  name = ''.join(f'{p}.' for p in path[:-1])
   if leaf == 'kernel':
     if value.ndim == 2:
-      return f'{name}.weight', np.ascontiguousarray(value.T)
+      return f'{name}weight', np.ascontiguousarray(value.T)
     if value.ndim == 4:
-      return f'{name}.weight', np.ascontiguousarray(value.transpose(3, 2, 0, 1))
+      return f'{name}weight', np.ascontiguousarray(value.transpose(3, 2, 0, 1))
     raise ValueError(f'Unexpected kernel rank {value.ndim} at {name}')
   if leaf == 'scale':
-    return f'{name}.weight', value
-  return f'{name}.{leaf}', value
+    return f'{name}weight', value
+  return f'{name}{leaf}', value
 
 
 def _from_torch_array(path: tuple, value: np.ndarray) -> np.ndarray:
