@@ -84,11 +84,10 @@ class ConvNextConfig:
     return macs
 
 
-def _timm_conv_init(conv: layers.PatchConv, rngs: nnx.Rngs) -> layers.PatchConv:
+def _timm_conv(in_channels: int, out_channels: int, patch: int, *, dtype, rngs) -> layers.PatchConv:
   # timm's ConvNeXt re-initialises every conv: trunc_normal(0.02) weights, zero biases.
-  conv.kernel.value = layers.TRUNC_NORMAL_02(rngs.params(), conv.kernel.shape, jnp.float32)
-  conv.bias.value = jnp.zeros(conv.bias.shape, jnp.float32)
-  return conv
+  return layers.PatchConv(in_channels, out_channels, patch, dtype=dtype,
+                          kernel_init=layers.TRUNC_NORMAL_02, bias_init=layers.ZEROS, rngs=rngs)
 
 
 class DepthwiseConv(nnx.Module):
@@ -142,7 +141,7 @@ class ConvNeXtStage(nnx.Module):
       prev = cfg.dims[index - 1]
       self.downsample = nnx.List([
           layers.LayerNorm(prev, eps=LN_EPS, dtype=dtype, rngs=rngs),
-          _timm_conv_init(layers.PatchConv(prev, dim, 2, dtype=dtype, rngs=rngs), rngs)])
+          _timm_conv(prev, dim, 2, dtype=dtype, rngs=rngs)])
     else:
       self.downsample = None
     self.blocks = nnx.List([
@@ -179,7 +178,7 @@ class ConvNeXt(nnx.Module):
     cfg.validate()
     self.cfg = cfg
     self.stem = nnx.List([
-        _timm_conv_init(layers.PatchConv(3, cfg.dims[0], STEM_PATCH, dtype=dtype, rngs=rngs), rngs),
+        _timm_conv(3, cfg.dims[0], STEM_PATCH, dtype=dtype, rngs=rngs),
         layers.LayerNorm(cfg.dims[0], eps=LN_EPS, dtype=dtype, rngs=rngs)])
     rates = layers.drop_path_rates(cfg.drop_path_rate, cfg.depths)
     starts = np.cumsum((0,) + tuple(cfg.depths))
@@ -192,7 +191,7 @@ class ConvNeXt(nnx.Module):
 
   def __call__(self, x_BxSxSx3, *, train: bool = False, rng: jax.Array | None = None):
     """Pooled features. Stochastic depth is active only with train=True and an rng."""
-    _check_input(x_BxSxSx3, self.cfg.img_size)
+    layers.check_images(x_BxSxSx3, self.cfg.img_size)
     key = rng if train else None
     x = x_BxSxSx3
     for layer in self.stem:
@@ -204,7 +203,3 @@ class ConvNeXt(nnx.Module):
       block += len(stage.blocks)
     return self.head(x).astype(jnp.float32)
 
-
-def _check_input(x, img_size: int):
-  if x.ndim != 4 or x.shape[1:] != (img_size, img_size, 3):
-    raise ValueError(f'Expected NHWC images [B, {img_size}, {img_size}, 3], got {x.shape}.')

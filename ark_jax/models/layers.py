@@ -80,13 +80,14 @@ class PatchConv(nnx.Module):
   """
 
   def __init__(self, in_channels: int, out_channels: int, patch: int, *, dtype=jnp.float32,
-               rngs: nnx.Rngs, axes=('patch', 'embed')):
-    fan_in = in_channels * patch * patch
-    # PyTorch's default Conv2d init (timm does not re-initialise these convs).
-    init = torch_default_uniform(fan_in)
-    self.kernel = nnx.Param(init(rngs.params(), (patch, patch, in_channels, out_channels)),
+               kernel_init=None, bias_init=None, rngs: nnx.Rngs, axes=('patch', 'embed')):
+    # PyTorch's default Conv2d init unless told otherwise (timm keeps it for
+    # Swin and ViT, re-initialises ConvNeXt's convs).
+    default = torch_default_uniform(in_channels * patch * patch)
+    kernel_init, bias_init = kernel_init or default, bias_init or default
+    self.kernel = nnx.Param(kernel_init(rngs.params(), (patch, patch, in_channels, out_channels)),
                             out_sharding=(None, None, None, axes[1]))
-    self.bias = nnx.Param(init(rngs.params(), (out_channels,)), out_sharding=(axes[1],))
+    self.bias = nnx.Param(bias_init(rngs.params(), (out_channels,)), out_sharding=(axes[1],))
     self.patch = patch
     self.dtype = dtype
 
@@ -109,6 +110,12 @@ class Mlp(nnx.Module):
 
   def __call__(self, x):
     return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+def check_images(x, img_size: int, hint: str = ''):
+  """Raises a clear error unless `x` is an NHWC batch [B, img_size, img_size, 3]."""
+  if x.ndim != 4 or x.shape[1:] != (img_size, img_size, 3):
+    raise ValueError(f'Expected NHWC images [B, {img_size}, {img_size}, 3], got {x.shape}.{hint}')
 
 
 def expand_to(v, ndim: int):

@@ -261,7 +261,7 @@ class SwinTransformer(nnx.Module):
 
   def __call__(self, x_BxSxSx3, *, train: bool = False, rng: jax.Array | None = None):
     """Pooled features. Stochastic depth is active only with train=True and an rng."""
-    _check_input(x_BxSxSx3, self.cfg.img_size)
+    layers.check_images(x_BxSxSx3, self.cfg.img_size)
     key = rng if train else None
     x = self.patch_embed(x_BxSxSx3)
     block = 0
@@ -283,7 +283,3 @@ class PatchEmbed(nnx.Module):
   def __call__(self, x_BxSxSx3):
     return self.norm(self.proj(x_BxSxSx3))
 
-
-def _check_input(x, img_size: int):
-  if x.ndim != 4 or x.shape[1:] != (img_size, img_size, 3):
-    raise ValueError(f'Expected NHWC images [B, {img_size}, {img_size}, 3], got {x.shape}.')

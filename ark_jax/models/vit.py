@@ -173,7 +173,8 @@ class VisionTransformer(nnx.Module):
 
   def __call__(self, x_BxSxSx3, *, train: bool = False, rng: jax.Array | None = None):
     """Pooled features. Stochastic depth is active only with train=True and an rng."""
-    _check_input(x_BxSxSx3, self.cfg.img_size)
+    layers.check_images(x_BxSxSx3, self.cfg.img_size,
+                        ' ViT position embeddings fix the image size; set img_size in the config.')
     key = rng if train else None
     x_BxNxD = self.patch_embed(x_BxSxSx3)
     b, _, d = x_BxNxD.shape
@@ -190,8 +191,3 @@ class VisionTransformer(nnx.Module):
     # norm-then-select.
     return self.norm(x_BxTxD[:, 0]).astype(jnp.float32)
 
-
-def _check_input(x, img_size: int):
-  if x.ndim != 4 or x.shape[1:] != (img_size, img_size, 3):
-    raise ValueError(f'Expected NHWC images [B, {img_size}, {img_size}, 3], got {x.shape}. '
-                     'ViT position embeddings fix the image size; set img_size in the config.')
