@@ -1,0 +1,239 @@
+r"""Throughput of the Ark model: images/s, MFU against a measured matmul peak, memory.
+
+  python -m ark_jax.benchmark --config=configs/ark6.py:swin_tiny,128,4 --mode=forward \
+      --config.batch_size=16 --steps=20 --warmup=3
+
+Prints human-readable lines, then ONE JSON object on the last line of stdout
+(benchmarks/*.sh parse it). Modes are a small registry (MODES): each builds a
+jitted function, its arguments and the analytic FLOPs per image; `run` times it.
+MFU is the analytic FLOP count (DESIGN.md section 5) over the matmul peak
+measured in the same process on the same device, so it is comparable across
+machines, CPU included.
+
+Parameters and inputs are random host arrays, not the model's initialisers:
+timings do not depend on the values, and compiling the ~70 initialiser
+programs (truncated normals of every shape) takes 40+ s on a busy 2-core CPU,
+longer than the benchmark itself.
+"""
+
+import dataclasses
+import json
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+from absl import app
+from absl import flags
+from flax import nnx
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+
+from ark_jax.models import ark
+from ark_jax.models import registry
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config (configs/*.py).')
+_MODE = flags.DEFINE_string('mode', 'forward', 'What to time; one of MODES.')
+_STEPS = flags.DEFINE_integer('steps', 20, 'Timed calls (after warm-up).')
+_WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed calls after compilation.')
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  """What a mode times: `fn(*args)` processes `batch_size` images."""
+  fn: Callable  # a jax.jit-wrapped function
+  args: tuple
+  flops_per_image: float  # analytic, 2 x multiply-accumulates
+
+
+def ark_forward_macs(model: ark.ArkModel) -> int:
+  """Multiply-accumulates of one image through backbone, projector and every head.
+
+  The heads count as computed: D stacked heads, each padded to the widest one.
+  """
+  macs = model.backbone.cfg.forward_macs()
+  fc1, fc2 = model.projector.fc1, model.projector.fc2
+  macs += fc1.in_features * fc1.out_features
+  if fc2 is not None:
+    macs += fc2.in_features * fc2.out_features
+  return macs + len(model.num_classes) * max(model.num_classes) * fc1.out_features
+
+
+def _forward(config, model: ark.ArkModel) -> Workload:
+  """Eval-mode forward of the whole model, one jit over the split NNX state."""
+  graphdef, state = nnx.split(model)
+
+  def forward(state, x_BxSxSx3):
+    # Return every output: returning only `z` would let XLA drop the heads.
+    return nnx.merge(graphdef, state)(x_BxSxSx3, train=False)
+
+  size = config.model.img_size
+  x = jnp.asarray(np.random.default_rng(config.seed).standard_normal(
+      (config.batch_size, size, size, 3), np.float32))
+  return Workload(jax.jit(forward), (state, x), 2.0 * ark_forward_macs(model))
+
+
+# Later issues add 'step', 'pipeline', 'heads'.
+MODES: dict[str, Callable[..., Workload]] = {
+    'forward': _forward,
+}
+
+
+def matmul_peak_flops(device: jax.Device, repeats: int = 5) -> tuple[float, str]:
+  """Best-of-`repeats` FLOP/s of one square matmul: the roofline MFU is measured against.
+
+  float32 2048^2 on CPU (no faster CPU matmul dtype here), bfloat16 8192^2 on
+  accelerators (their tensor-core peak, which a bfloat16 model can reach).
+  """
+  n, dtype = (2048, jnp.float32) if device.platform == 'cpu' else (8192, jnp.bfloat16)
+  rng = np.random.default_rng(0)
+  a, b = (jax.device_put(rng.standard_normal((n, n), np.float32).astype(dtype), device)
+          for _ in range(2))
+  matmul = jax.jit(jnp.matmul).lower(a, b).compile()
+  for _ in range(2):  # warm-up: thread pools, caches, clocks
+    matmul(a, b).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * n**3 / best, f'{jnp.dtype(dtype).name} {n}x{n}'
+
+
+def random_model(config) -> ark.ArkModel:
+  """The Ark model of `config` with N(0, 0.02^2) parameters drawn on the host (see top)."""
+  abstract = nnx.eval_shape(lambda: registry.create_model(
+      config.model, config.data.num_classes, rngs=nnx.Rngs(config.seed)))
+  graphdef, abstract_state = nnx.split(abstract)
+  rng = np.random.default_rng(config.seed)
+
+  def draw(leaf):
+    if not jnp.issubdtype(leaf.dtype, jnp.floating):
+      return jnp.zeros(leaf.shape, leaf.dtype)
+    return jnp.asarray(0.02 * rng.standard_normal(leaf.shape, np.float32), leaf.dtype)
+
+  return nnx.merge(graphdef, jax.tree.map(draw, abstract_state))
+
+
+def peak_memory_bytes(device: jax.Device) -> tuple[int, str]:
+  """Device peak bytes in use where the backend tracks them, else this process's max RSS."""
+  stats = device.memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    return int(stats['peak_bytes_in_use']), 'device peak_bytes_in_use'
+  # The CPU backend has no memory_stats; ru_maxrss is in KiB on Linux, bytes on macOS.
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return rss * (1 if sys.platform == 'darwin' else 1024), 'host max RSS'
+
+
+def run(config, mode: str = 'forward', steps: int = 20, warmup: int = 3) -> dict:
+  """Compiles and times one mode of the Ark model described by `config`.
+
+  Args:
+    config: experiment config (configs/ark6.py): model, batch_size, data.num_classes, seed.
+    mode: a key of MODES.
+    steps: timed calls, each ended by block_until_ready.
+    warmup: untimed calls between compilation and timing.
+
+  Returns:
+    A flat dict of results (see the keys below); times in seconds.
+  """
+  if mode not in MODES:
+    raise ValueError(f'Unknown benchmark mode {mode!r}; known modes: {sorted(MODES)}.')
+  if steps < 1 or warmup < 0:
+    raise ValueError(f'Need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}.')
+  device = jax.devices()[0]
+  model = random_model(config)
+  param_count = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  work = MODES[mode](config, model)
+
+  # The peak is the best matmul seen before and after the timed calls: on a
+  # shared machine one short window can miss the quiet moments.
+  peak_before, _ = matmul_peak_flops(device)
+  start = time.perf_counter()
+  compiled = work.fn.lower(*work.args).compile()
+  compile_s = time.perf_counter() - start
+  program = compiled.memory_analysis()
+  for _ in range(warmup):
+    jax.block_until_ready(compiled(*work.args))
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*work.args))
+    times.append(time.perf_counter() - start)
+
+  median = statistics.median(times)
+  achieved = work.flops_per_image * config.batch_size / median
+  peak_after, peak_kind = matmul_peak_flops(device)
+  peak = max(peak_before, peak_after)
+  memory, memory_source = peak_memory_bytes(device)
+  return {
+      'mode': mode,
+      'model': f'{config.model.name}_{config.model.variant}',
+      'img_size': config.model.img_size,
+      'window_size': config.model.window_size if config.model.name == 'swin' else None,
+      'batch_size': config.batch_size,
+      'dtype': config.model.dtype,
+      'param_count': int(param_count),
+      'device': f'{device.platform}:{device.device_kind}',  # one device: no sharding yet
+      'jax_version': jax.__version__,
+      'compile_s': compile_s,
+      'steps': steps,
+      'warmup': warmup,
+      'step_time_s_min': min(times),
+      'step_time_s_median': median,
+      'step_time_s_max': max(times),
+      'img_per_s': config.batch_size / median,
+      'gflops_per_image': work.flops_per_image / 1e9,
+      'tflops_per_s': achieved / 1e12,
+      'peak_tflops_per_s': peak / 1e12,
+      'peak_matmul': peak_kind,
+      'mfu': achieved / peak,
+      'peak_memory_bytes': memory,
+      'peak_memory_source': memory_source,
+      # XLA's static plan: arguments + outputs + temporaries, what one call needs.
+      'program_memory_bytes': _program_bytes(program),
+  }
+
+
+def _program_bytes(analysis) -> int | None:
+  if analysis is None:
+    return None
+  return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+             + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
+
+
+def summary_lines(result: dict) -> list[str]:
+  """The human-readable report printed above the JSON line."""
+  r = result
+  return [
+      f"{r['mode']}: {r['model']} {r['img_size']}px batch {r['batch_size']} {r['dtype']}, "
+      f"{r['param_count'] / 1e6:.2f}M params, on {r['device']}",
+      f"compile {r['compile_s']:.2f} s; step min/median/max "
+      f"{r['step_time_s_min']:.4f}/{r['step_time_s_median']:.4f}/{r['step_time_s_max']:.4f} s "
+      f"over {r['steps']} steps",
+      f"{r['img_per_s']:.2f} img/s, {r['gflops_per_image']:.3f} GFLOPs/img, "
+      f"{r['tflops_per_s']:.4f} TFLOP/s achieved",
+      f"matmul peak ({r['peak_matmul']}) {r['peak_tflops_per_s']:.4f} TFLOP/s -> "
+      f"MFU {r['mfu']:.1%}",
+      f"peak memory {r['peak_memory_bytes'] / 2**30:.2f} GiB ({r['peak_memory_source']}); "
+      f"compiled program {(r['program_memory_bytes'] or 0) / 2**30:.2f} GiB",
+  ]
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if _CONFIG.value is None:
+    raise app.UsageError('--config is required, e.g. --config=configs/ark6.py:swin_tiny,128,4')
+  if _MODE.value not in MODES:  # a usage message, not a traceback
+    raise app.UsageError(f'--mode={_MODE.value!r} is unknown; known modes: {sorted(MODES)}.')
+  result = run(_CONFIG.value, _MODE.value, _STEPS.value, _WARMUP.value)
+  print('\n'.join(summary_lines(result)))
+  print(json.dumps(result), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)
