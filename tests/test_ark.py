@@ -16,7 +16,8 @@ NUM_CLASSES = (14, 14, 14, 3, 6, 1)
 @pytest.fixture(scope='module')
 def model():
   config = ark6.get_config('smoke')
-  return registry.create_model(config.model, NUM_CLASSES, rngs=nnx.Rngs(0))
+  return registry.materialize(
+      lambda: registry.create_model(config.model, NUM_CLASSES, rngs=nnx.Rngs(0)))
 
 
 @pytest.fixture(scope='module')
@@ -71,6 +72,13 @@ def test_projector_and_heads_use_pytorch_default_init(model):
   # Heads are independent draws, not copies of one another.
   kernel = np.asarray(model.heads.kernel[...])
   assert np.abs(kernel[0] - kernel[1]).max() > 0.01
+
+
+def test_materialize_equals_eager_construction(model):
+  config = ark6.get_config('smoke')
+  eager = registry.create_model(config.model, NUM_CLASSES, rngs=nnx.Rngs(0))
+  for a, b in zip(jax.tree.leaves(nnx.state(eager)), jax.tree.leaves(nnx.state(model))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_heads_carry_the_dataset_axis_name(model):

@@ -48,8 +48,12 @@ def nhwc(x_nchw):
   return jnp.asarray(x_nchw.transpose(0, 2, 3, 1))
 
 
+# One jitted function, so models of the same structure share one compilation.
+_apply = jax.jit(lambda m, x: m(x))
+
+
 def forward(model, x_nchw):
-  return np.asarray(jax.jit(lambda m, x: m(x))(model, nhwc(x_nchw)))
+  return np.asarray(_apply(model, nhwc(x_nchw)))
 
 
 def to_old_layout(state_dict):
@@ -123,8 +127,9 @@ def test_timm054_checkpoint_loads_and_matches_the_reference(tmp_path, x_nchw):
 
 def small_ark_model(projector_mlp=False, num_classes=NUM_CLASSES, projector_dim=32):
   cfg = registry.backbone_config('swin', 'tiny', **SMALL)
-  return ark.ArkModel(registry.create_backbone('swin', cfg, rngs=nnx.Rngs(0)), num_classes,
-                      projector_dim=projector_dim, projector_mlp=projector_mlp, rngs=nnx.Rngs(1))
+  return registry.materialize(lambda: ark.ArkModel(
+      registry.create_backbone('swin', cfg, rngs=nnx.Rngs(0)), num_classes,
+      projector_dim=projector_dim, projector_mlp=projector_mlp, rngs=nnx.Rngs(1)))
 
 
 def test_ark_export_key_names_and_head_shapes():
@@ -144,7 +149,7 @@ def test_ark_export_loads_strictly_into_the_reference_model(tmp_path, x_nchw):
   np.savez(tmp_path / 'ark.npz', **sd)
   out = run_reference(tmp_path, x_nchw, swin=SMALL_054, projector_dim=32,
                       num_classes=list(NUM_CLASSES), load=str(tmp_path / 'ark.npz'), strict=True)
-  ours = jax.jit(lambda m, x: m(x))(model, nhwc(x_nchw))
+  ours = _apply(model, nhwc(x_nchw))
   assert np.abs(np.asarray(ours['z']) - out['z']).max() < 1e-4
   for k, n in enumerate(NUM_CLASSES):
     np.testing.assert_allclose(np.asarray(ours['logits'])[:, k, :n], out[f'logits_{k}'],

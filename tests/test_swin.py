@@ -9,6 +9,7 @@ import timm
 import torch
 
 from ark_jax import interop
+from ark_jax.models import registry
 from ark_jax.models import swin
 
 
@@ -69,17 +70,24 @@ def test_shift_mask_blocks_cross_region_attention():
 def small_swin(**kwargs):
   cfg = swin.SwinConfig.from_variant('tiny', img_size=64, window_size=4, depths=(1, 1, 2, 1),
                                      drop_path_rate=0.5)
-  return swin.SwinTransformer(cfg, rngs=nnx.Rngs(0), **kwargs)
+  return registry.materialize(lambda: swin.SwinTransformer(cfg, rngs=nnx.Rngs(0), **kwargs))
+
+
+# One jitted function per mode, reused across models of the same structure
+# (eager NNX calls would compile every op separately).
+_eval = jax.jit(lambda m, x: m(x))
+_train = jax.jit(lambda m, x, rng: m(x, train=True, rng=rng))
 
 
 def test_drop_path_only_when_training():
   model = small_swin()
   x = jax.random.normal(jax.random.key(0), (4, 64, 64, 3))
-  eval_a, eval_b = model(x), model(x, train=False, rng=jax.random.key(1))
+  eval_a = _eval(model, x)
+  eval_b = jax.jit(lambda m, x, rng: m(x, train=False, rng=rng))(model, x, jax.random.key(1))
   np.testing.assert_array_equal(eval_a, eval_b)
-  train_1 = model(x, train=True, rng=jax.random.key(1))
-  train_1_again = model(x, train=True, rng=jax.random.key(1))
-  train_2 = model(x, train=True, rng=jax.random.key(2))
+  train_1 = _train(model, x, jax.random.key(1))
+  train_1_again = _train(model, x, jax.random.key(1))
+  train_2 = _train(model, x, jax.random.key(2))
   np.testing.assert_array_equal(train_1, train_1_again)  # same key, same dropped paths
   assert np.abs(train_1 - eval_a).max() > 1e-3
   assert np.abs(train_1 - train_2).max() > 1e-3
@@ -108,7 +116,8 @@ def test_bfloat16_compute_keeps_float32_params_and_tracks_float32():
   model16 = small_swin(dtype=jnp.bfloat16)
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(nnx.state(model16)))
   x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
-  out32, out16 = model32(x), model16(x)
+  out32 = _eval(model32, x)
+  out16 = _eval(model16, x)
   assert out16.dtype == jnp.float32
   rel = np.abs(out16 - out32).max() / np.abs(out32).max()
   assert 0 < rel < 0.05

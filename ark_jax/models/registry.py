@@ -9,6 +9,8 @@ config dataclass has `from_variant(variant, **overrides)`, `validate()` and
 
 import re
 
+from flax import nnx
+import jax
 import jax.numpy as jnp
 
 from ark_jax.models import convnext
@@ -60,6 +62,24 @@ def backbone_config(family: str, variant: str, **overrides):
 def create_backbone(family: str, cfg, *, dtype=jnp.float32, remat: bool = False, rngs):
   """Builds the backbone module of `family` from its config dataclass."""
   return FAMILIES[family][1](cfg, dtype=dtype, remat=remat, rngs=rngs)
+
+
+def materialize(create, *, out_shardings=None):
+  """Runs a module constructor as one jitted program and returns the module.
+
+  Eager NNX construction compiles every initialiser separately (one XLA program
+  per parameter shape, ~70 for a Swin: 41 s on a busy 2-core CPU); one jitted
+  program compiled without backend optimisation, which initialisers do not need,
+  took 14 s there. The values are those of eager construction.
+
+  Args:
+    create: a no-argument callable building the module (with its own nnx.Rngs).
+    out_shardings: optional shardings of the state, to create it already placed.
+  """
+  graphdef, _ = nnx.split(nnx.eval_shape(create))
+  init = jax.jit(lambda: nnx.split(create())[1], out_shardings=out_shardings)
+  state = init.lower().compile(compiler_options={'xla_backend_optimization_level': 0})()
+  return nnx.merge(graphdef, state)
 
 
 def family_of(backbone) -> str:
