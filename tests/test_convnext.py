@@ -10,75 +10,23 @@ import torch
 
 from ark_jax import interop
 from ark_jax.models import convnext
+import timm_parity
 
 MODEL_NAME = 'convnext_tiny'
 ATOL = 1e-4
 
 
-def _perturb_(model: torch.nn.Module, seed: int):
-  """Random LayerNorm weights, layer scales and biases, so none is trivially 1, 0 or 1e-6."""
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if 'norm' in name or name.endswith(('bias', 'gamma')):
-        base = 1.0 if name.endswith('weight') else 0.0
-        p.copy_(base + 0.5 * torch.randn(p.shape, generator=gen))
-
-
-def _random_backbone(cfg, seed: int, **kwargs):
-  """A ConvNeXt with numpy-random weights, built abstractly (no init to compile).
-
-  Kernels ~ N(0, 0.02), LayerNorm scales ~ 1 + N(0, 0.5), everything else ~ N(0, 0.5).
-  """
-  abstract = nnx.eval_shape(lambda: convnext.ConvNeXt(cfg, rngs=nnx.Rngs(0), **kwargs))
-  graphdef, state = nnx.split(abstract)
-  gen = np.random.default_rng(seed)
-  leaves = []
-  for path, var in nnx.to_flat_state(state):
-    std, base = {'kernel': (0.02, 0.0), 'scale': (0.5, 1.0)}.get(path[-1], (0.5, 0.0))
-    value = base + std * gen.standard_normal(var.shape, dtype=np.float32)
-    leaves.append((path, var.replace(jnp.asarray(value, jnp.float32))))
-  return nnx.merge(graphdef, nnx.from_flat_state(leaves))
-
-
-@nnx.jit(static_argnames='train')
-def _forward(model, x, rng=None, train=False):
-  return model(x, train=train, rng=rng)
-
-
-@nnx.jit
-def _eval_and_train(model, x, rng):
-  """Eval without and with an rng, then training under two rngs: one compile."""
-  return (model(x), model(x, train=False, rng=rng), model(x, train=True, rng=rng),
-          model(x, train=True, rng=jax.random.fold_in(rng, 1)))
-
-
-def _nhwc(x_nchw: torch.Tensor) -> jax.Array:
-  return jnp.asarray(x_nchw.numpy().transpose(0, 2, 3, 1))
-
-
-def _to_torch(sd: dict) -> dict:
-  return {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}
-
-
 @pytest.fixture(scope='module')
 def reference():
-  """timm model with random weights, its state dict, an input and its output."""
-  torch.manual_seed(0)
-  model = timm.create_model(MODEL_NAME, pretrained=False, num_classes=0).eval()
-  _perturb_(model, seed=1)
-  x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(2))
-  with torch.no_grad():
-    out = model(x).numpy()
-  sd = {k: v.numpy().copy() for k, v in model.state_dict().items()}
-  return sd, x, out
+  """timm model with random weights: its state dict, an input and its output."""
+  return timm_parity.timm_reference(MODEL_NAME)
 
 
 @pytest.fixture(scope='module')
 def loaded(reference):
   sd, x, _ = reference
   backbone = interop.load_backbone(sd, MODEL_NAME)
-  return backbone, np.asarray(_forward(backbone, _nhwc(x)))
+  return backbone, np.asarray(timm_parity.forward(backbone, timm_parity.nhwc(x)))
 
 
 def test_pooled_features_match_timm(reference, loaded):
@@ -97,7 +45,7 @@ def test_state_dict_round_trip_loads_strictly_into_timm(reference, loaded):
   for name, value in sd.items():
     np.testing.assert_array_equal(exported[name], value, err_msg=name)
   fresh = timm.create_model(MODEL_NAME, pretrained=False, num_classes=0).eval()
-  fresh.load_state_dict(_to_torch(exported), strict=True)
+  fresh.load_state_dict(timm_parity.to_torch(exported), strict=True)
   with torch.no_grad():
     np.testing.assert_allclose(fresh(x).numpy(), expected, rtol=0, atol=ATOL)
 
@@ -114,30 +62,30 @@ def test_small_custom_config_without_layer_scale_matches_timm():
   """A 'custom' ConvNeXt (ls_init_value=None: no gamma) exported into timm's class."""
   cfg = convnext.ConvNextConfig(img_size=64, depths=(1, 2, 1, 1), dims=(8, 16, 24, 32),
                                 ls_init_value=None)
-  backbone = _random_backbone(cfg, seed=3)
+  backbone = timm_parity.random_backbone(lambda: convnext.ConvNeXt(cfg, rngs=nnx.Rngs(0)), seed=3)
   sd = interop.backbone_state_dict(backbone)
   assert not any(k.endswith('gamma') for k in sd)
   reference = timm.models.convnext.ConvNeXt(depths=cfg.depths, dims=cfg.dims, num_classes=0,
                                             ls_init_value=None).eval()
-  reference.load_state_dict(_to_torch(sd), strict=True)
+  reference.load_state_dict(timm_parity.to_torch(sd), strict=True)
   x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
   with torch.no_grad():
     expected = reference(x).numpy()
-  np.testing.assert_allclose(np.asarray(_forward(backbone, _nhwc(x))), expected, rtol=0, atol=ATOL)
+  np.testing.assert_allclose(np.asarray(timm_parity.forward(backbone, timm_parity.nhwc(x))), expected, rtol=0, atol=ATOL)
 
 
 def test_drop_path_only_when_training_and_remat_is_exact():
   cfg = convnext.ConvNextConfig(img_size=64, depths=(1, 1, 2, 1), dims=(8, 16, 24, 32),
                                 drop_path_rate=0.5)
-  backbone = _random_backbone(cfg, seed=5)
+  backbone = timm_parity.random_backbone(lambda: convnext.ConvNeXt(cfg, rngs=nnx.Rngs(0)), seed=5)
   x = jax.random.normal(jax.random.key(0), (4, 64, 64, 3))
   rng = jax.random.key(1)
-  eval_out, eval_with_rng, train_out, train_other = _eval_and_train(backbone, x, rng)
+  eval_out, eval_with_rng, train_out, train_other = timm_parity.eval_and_train(backbone, x, rng)
   np.testing.assert_array_equal(eval_with_rng, eval_out)
   assert not np.allclose(train_out, eval_out)
   assert not np.allclose(train_other, train_out)  # the rng picks the dropped blocks
-  remat = _random_backbone(cfg, seed=5, remat=True)
-  np.testing.assert_allclose(_forward(remat, x, rng, train=True), train_out, rtol=0, atol=1e-6)
+  remat = timm_parity.random_backbone(lambda: convnext.ConvNeXt(cfg, remat=True, rngs=nnx.Rngs(0)), seed=5)
+  np.testing.assert_allclose(timm_parity.forward(remat, x, rng, train=True), train_out, rtol=0, atol=1e-6)
 
 
 def test_forward_macs_match_published():
