@@ -1,6 +1,8 @@
 # make test   create .venv if missing, install runtime + test requirements, run the suite
-# make demo   install runtime requirements and run the forward benchmark on a small Swin
-#             (becomes the demo pretraining run once training lands)
+# make demo   install runtime requirements, prepare the four demo datasets (real
+#             Fashion-MNIST mosaics, shipped in the repo) and run the forward
+#             benchmark on a small Swin (becomes the demo pretraining run once
+#             training lands)
 PYTHON ?= python3
 VENV := .venv
 PIP := $(VENV)/bin/pip
@@ -29,7 +31,14 @@ install-test: $(VENV)/.installed-test
 test: install-test
 	$(VENV)/bin/python -m pytest -q tests
 
+DEMO_DATA := workdir/data
+DEMO_SETS := demo_multilabel demo_subset demo_binary demo_count
+
 demo: install
+	for name in $(DEMO_SETS); do \
+	  $(VENV)/bin/python -m input_pipeline.prepare --dataset=$$name --data_dir=$(DEMO_DATA) \
+	    || exit 1; \
+	done
 	$(VENV)/bin/python -m ark_jax.benchmark --config=configs/ark6.py:swin_tiny,128,4 \
 	  --mode=forward --config.batch_size=8 --steps=5
 
