@@ -26,9 +26,6 @@ class _Tiny(base.CxrBuilder, skip_registration=True):
     kwargs.setdefault('num_workers', 0)
     super().__init__(**kwargs)
 
-  def _list_records(self, manual_dir):
-    raise NotImplementedError
-
   def _split_generators(self, dl_manager):
     self.summary = base.PrepareSummary(self.name, self.image_size, tuple(self.LABEL_NAMES))
     return {s: self._generate_examples(s) for s in base.SPLITS}

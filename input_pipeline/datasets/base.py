@@ -30,7 +30,6 @@ relative to manual_dir), `sex` ('M', 'F', ''), `age` (years, NaN unknown),
 are in `info.metadata`, so a reader needs nothing but the prepared folder.
 """
 
-import abc
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -235,13 +234,16 @@ class CxrBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                                         image_size=size),
     )
 
-  @abc.abstractmethod
   def _list_records(self, manual_dir: str) -> dict[str, list[Record]]:
     """Reads the label files: split name → records. Reads no pixels.
 
-    Raise `label_files.LabelFileError` for anything wrong in a label file;
-    leave image existence and path checks to the base class.
+    Every builder of files implements it (generated datasets, like the demo's,
+    override `_split_generators` instead). Raise `label_files.LabelFileError`
+    for anything wrong in a label file; leave image existence and path checks
+    to the base class.
     """
+    raise TypeError(f'{type(self).__name__} lists no files: it must implement _list_records '
+                    'or override _split_generators.')
 
   def reference_splits(self) -> dict[str, str] | None:
     """Image base name → split from --split_files_dir; None when not given."""

@@ -264,9 +264,6 @@ class _FashionMosaic(base.CxrBuilder, skip_registration=True):
     super()._download_and_prepare(dl_manager, download_config)
     self.info.metadata['source'] = resolve_source(self._source)
 
-  def _list_records(self, manual_dir):
-    raise NotImplementedError('The demo datasets are generated, not listed from files.')
-
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download, no manual_dir
     self.summary = base.PrepareSummary(self.name, self.image_size, tuple(self.LABEL_NAMES))
