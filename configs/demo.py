@@ -13,6 +13,7 @@ of the reference's one-dataset-at-a-time passes.
 
 import ml_collections
 
+from ark_jax import sharding
 from configs import common
 
 DEMO_DATASETS = ('demo_multilabel', 'demo_subset', 'demo_binary', 'demo_count')
@@ -37,4 +38,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.label_policies = ml_collections.ConfigDict({'demo_subset': 'ignore,zeros'})
   c.data.num_workers = 0  # Grain mp_prefetch processes; 0 reads in the trainer
   c.data.read_threads = 2  # decoding threads per reading process
+
+  c.num_epochs = 20  # epochs (cyclic: one pass over each dataset per epoch)
+  c.max_steps = 0  # stop after this many optimizer steps when > 0
+  c.log_every_steps = 10  # steps between lines of workdir/metrics.jsonl
+  c.checkpoint_every_steps = 200  # steps between checkpoints (and one at the end)
+  c.teacher_init = 'independent'  # 'independent' (the reference) | 'copy' of the student
+  # 'pass': one EMA update per dataset pass, momentum indexed by the pass (the
+  # reference); 'step': one per optimizer step, indexed by the step.
+  c.ema = 'pass'
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = 'sgd'  # Nesterov momentum 0.9 (the reference) | 'adamw'
+  c.optimizer.lr = 0.1  # peak LR
+  c.optimizer.warmup_steps = 50  # linear warmup, in optimizer steps
+  c.optimizer.total_steps = 2000  # end of the cosine (warmup included), in steps
+  c.optimizer.weight_decay = 0.0  # the reference's
+  c.optimizer.clip_grad_norm = 0.0  # global-norm clipping when > 0 (the reference: none)
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # data-parallel axis; -1 = every device not in fsdp
+  c.mesh.fsdp = 1  # parameter-sharding axis
+  c.sharding = ml_collections.ConfigDict()
+  c.sharding.rules = sharding.REPLICATED_RULES  # logical axis -> mesh axis
   return c
