@@ -1,8 +1,7 @@
 # make test   create .venv if missing, install runtime + test requirements, run the suite
 # make demo   install runtime requirements, prepare the four demo datasets (real
-#             Fashion-MNIST mosaics, shipped in the repo) and run the forward
-#             benchmark on a small Swin (becomes the demo pretraining run once
-#             training lands)
+#             Fashion-MNIST mosaics, shipped in the repo) and pretrain a small Swin
+#             on them for DEMO_STEPS steps (python -m ark_jax.main)
 PYTHON ?= python3
 VENV := .venv
 PIP := $(VENV)/bin/pip
@@ -34,13 +33,17 @@ test: install-test
 DEMO_DATA := workdir/data
 DEMO_SETS := demo_multilabel demo_subset demo_binary demo_count
 
+DEMO_STEPS ?= 300
+
 demo: install
 	for name in $(DEMO_SETS); do \
 	  $(VENV)/bin/python -m input_pipeline.prepare --dataset=$$name --data_dir=$(DEMO_DATA) \
 	    || exit 1; \
 	done
-	$(VENV)/bin/python -m ark_jax.benchmark --config=configs/ark6.py:swin_tiny,128,4 \
-	  --mode=forward --config.batch_size=8 --steps=5
+	$(VENV)/bin/python -m ark_jax.main --config=configs/demo.py --workdir=workdir/demo \
+	  --config.data.data_dir=$(DEMO_DATA) --config.max_steps=$(DEMO_STEPS) \
+	  --config.log_every_steps=50
+	tail -n 3 workdir/demo/metrics.jsonl
 
 clean:
 	rm -rf $(VENV)

@@ -43,6 +43,7 @@ the step at which they stop (e.g. Orbax's `reached_preemption`, backed by
 """
 
 from collections.abc import Callable, Mapping
+import os
 import signal
 import threading
 from typing import Any
@@ -141,6 +142,8 @@ class Checkpointer:
       async_save: write arrays in a background thread (`save` returns after
         the device-to-host copy); `wait()` blocks until written.
     """
+    if isinstance(directory, str) and '://' not in directory:
+      directory = os.path.abspath(directory)  # Orbax refuses relative local paths
     self.directory = directory
     self.save_every_steps = save_every_steps
     self._manager = ocp.CheckpointManager(

@@ -8,6 +8,7 @@ import grain
 import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -164,3 +165,11 @@ def test_sigterm_sets_flag_only():
   finally:
     signal.signal(signal.SIGTERM, previous)
     checkpoint.clear_preemption_request()
+
+
+def test_relative_directory_is_made_absolute(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with checkpoint.Checkpointer('relative/ckpt', save_every_steps=1, async_save=False) as ckpt:
+    assert ckpt.directory == str(tmp_path / 'relative' / 'ckpt')
+    assert ckpt.save(1, {'w': jnp.arange(3.0)}, None, {'note': 'x'})
+    assert ckpt.latest_step() == 1
