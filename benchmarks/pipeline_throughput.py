@@ -66,9 +66,6 @@ class SyntheticCxr(base.CxrBuilder, skip_registration=True):
     kwargs.setdefault('num_workers', 0)
     super().__init__(**kwargs)
 
-  def _list_records(self, manual_dir):
-    raise NotImplementedError
-
   def _split_generators(self, dl_manager):
     self.summary = base.PrepareSummary(self.name, self.image_size, self.LABEL_NAMES)
     return {split: self._generate_examples(split) for split in base.SPLITS}
