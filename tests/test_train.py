@@ -59,9 +59,7 @@ def make_config(data_dir, **overrides):
   c.optimizer = ml_collections.ConfigDict({
       'name': 'sgd', 'lr': 0.1, 'warmup_steps': 2, 'total_steps': 20, 'weight_decay': 0.0,
       'clip_grad_norm': 0.0})
-  for key, value in overrides.items():
-    section, _, name = key.rpartition('.')
-    (c[section] if section else c)[name] = value
+  c.update_from_flattened_dict(overrides)  # 'optimizer.lr'-style keys
   return c
 
 

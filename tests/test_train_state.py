@@ -22,15 +22,12 @@ def make_config(**overrides):
   c.batch_size = 16
   # Two Swin stages instead of four: half the init program to compile.
   c.model.img_size, c.model.depths, c.model.num_heads = 32, (1, 1), (1, 2)
-  c.teacher_init = 'independent'
-  c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1})
-  c.sharding = ml_collections.ConfigDict({'rules': sharding.REPLICATED_RULES})
+  # teacher_init 'independent', mesh (data=-1, fsdp=1) and REPLICATED_RULES
+  # come from configs/demo.py.
   c.optimizer = ml_collections.ConfigDict({
       'name': 'sgd', 'lr': 0.1, 'warmup_steps': 2, 'total_steps': 10, 'weight_decay': 0.0,
       'clip_grad_norm': 0.0})
-  for key, value in overrides.items():
-    section, _, name = key.rpartition('.')
-    (c[section] if section else c)[name] = value
+  c.update_from_flattened_dict(overrides)  # 'optimizer.lr'-style keys
   return c
 
 

@@ -64,12 +64,9 @@ class ConvNextConfig:
     """Raises ValueError naming the size ConvNeXt cannot tile."""
     if len(self.depths) != len(self.dims):
       raise ValueError(f'ConvNeXt depths {self.depths} and dims {self.dims} differ in length.')
-    stride = STEM_PATCH * 2 ** (len(self.depths) - 1)
-    if self.img_size % stride:
-      raise ValueError(
-          f'ConvNeXt img_size={self.img_size} must be divisible by {stride} (stem stride '
-          f'{STEM_PATCH} then {len(self.depths) - 1} stride-2 downsamples); e.g. '
-          f'{self.img_size // stride * stride} or {(self.img_size // stride + 1) * stride}.')
+    layers.check_stride('ConvNeXt', self.img_size, STEM_PATCH * 2 ** (len(self.depths) - 1),
+                        f'stem stride {STEM_PATCH} then {len(self.depths) - 1} stride-2 '
+                        'downsamples')
 
   def forward_macs(self) -> int:
     """Multiply-accumulates of one forward pass (convs and matmuls, as timm/fvcore count)."""

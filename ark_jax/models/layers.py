@@ -118,6 +118,14 @@ def check_images(x, img_size: int, hint: str = ''):
     raise ValueError(f'Expected NHWC images [B, {img_size}, {img_size}, 3], got {x.shape}.{hint}')
 
 
+def check_stride(family: str, img_size: int, stride: int, why: str):
+  """Raises ValueError unless img_size is a multiple of the network's total stride."""
+  if img_size % stride:
+    raise ValueError(
+        f'{family} img_size={img_size} must be divisible by {stride} ({why}); e.g. '
+        f'{img_size // stride * stride} or {(img_size // stride + 1) * stride}.')
+
+
 def expand_to(v, ndim: int):
   """Leading unit axes so `v` broadcasts against a rank-`ndim` array without rank promotion."""
   return v.reshape((1,) * (ndim - v.ndim) + v.shape)

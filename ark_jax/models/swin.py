@@ -72,12 +72,8 @@ class SwinConfig:
     """Raises ValueError naming the size that Swin cannot tile."""
     if len(self.depths) != len(self.num_heads):
       raise ValueError(f'Swin depths {self.depths} and num_heads {self.num_heads} differ in length.')
-    stride = PATCH_SIZE * 2 ** (len(self.depths) - 1)
-    if self.img_size % stride:
-      raise ValueError(
-          f'Swin img_size={self.img_size} must be divisible by {stride} (patch {PATCH_SIZE} '
-          f'then {len(self.depths) - 1} patch mergings); e.g. {self.img_size // stride * stride} '
-          f'or {(self.img_size // stride + 1) * stride}.')
+    layers.check_stride('Swin', self.img_size, PATCH_SIZE * 2 ** (len(self.depths) - 1),
+                        f'patch {PATCH_SIZE} then {len(self.depths) - 1} patch mergings')
     for i, (grid, (window, _)) in enumerate(zip(self.stage_grids(), self.stage_windows())):
       if grid % window:
         raise ValueError(
