@@ -308,7 +308,8 @@ def color_jitter(x_BxSxS: jax.Array, rng: jax.Array, p: float = COLOR_PROB) -> j
   return jnp.clip(jnp.where(apply_Bx1x1, jittered, x_BxSxS), 0.0, 1.0)
 
 
-def student_view(image_BxRxR: jax.Array, size: int, rng: jax.Array) -> jax.Array:
+def student_view(image_BxRxR: jax.Array, size: int, rng: jax.Array,
+                 crop_scale: tuple[float, float] = CROP_SCALE) -> jax.Array:
   """The student's input: crop, shift-scale-rotate, colour; normalised.
 
   Same `rng` gives the same views (the trainer passes fold_in(rng, step), so a
@@ -318,13 +319,14 @@ def student_view(image_BxRxR: jax.Array, size: int, rng: jax.Array) -> jax.Array
     image_BxRxR: uint8 grey images.
     size: output side S (static).
     rng: PRNG key.
+    crop_scale: the crop's area fraction range (the reference: 0.08 to 1).
 
   Returns:
     float32 [B, S, S, 3].
   """
   batch, in_size, _ = image_BxRxR.shape
   k_crop, k_ssr, k_color = jax.random.split(rng, 3)
-  box_Bx4 = sample_crop_boxes(k_crop, batch, in_size)
+  box_Bx4 = sample_crop_boxes(k_crop, batch, in_size, scale=tuple(crop_scale))
   # Output -> crop-resized image (S x S) -> stored image (R x R). HIGHEST: a
   # default-precision f32 matmul is bf16 on TPU, too coarse for pixel offsets.
   affine_Bx3x3 = jnp.matmul(crop_affine(box_Bx4, size),
@@ -332,3 +334,43 @@ def student_view(image_BxRxR: jax.Array, size: int, rng: jax.Array) -> jax.Array
                             precision=jax.lax.Precision.HIGHEST)
   x_BxSxS = sample_affine(image_BxRxR, affine_Bx3x3, size) / 255.0
   return normalize(color_jitter(x_BxSxS, k_color))
+
+
+def ten_crop(image_BxRxR: jax.Array, crop: int, resize: int | None = None) -> jax.Array:
+  """The reference's test-time views: Resize(resize) then torchvision's TenCrop(crop).
+
+  Order as torchvision.transforms.functional.ten_crop: top-left, top-right,
+  bottom-left, bottom-right, centre, then the same five of the horizontally
+  flipped image (so flipped top-left mirrors the original top-right). The
+  resize is teacher_view's (bilinear, no antialiasing, not the reference's
+  PIL resize), so the centre crop with crop == resize equals teacher_view.
+  Crop offsets are static: one compiled program per (R, resize, crop).
+
+  Args:
+    image_BxRxR: uint8 (0..255) grey images; floats are read in the same units.
+    crop: side S of each crop (static), at most the resized side.
+    resize: side the image is resized to first (static); None keeps R.
+
+  Returns:
+    float32 [10, B, S, S, 3], T = 10 views of each image, normalised.
+  """
+  batch, in_size, _ = image_BxRxR.shape
+  x_BxRxR = image_BxRxR.astype(jnp.float32)
+  if resize is not None:
+    x_BxRxR = jax.image.resize(x_BxRxR, (batch, resize, resize), method='linear',
+                               antialias=False)
+    in_size = resize
+  x_BxRxR = jnp.clip(x_BxRxR / 255.0, 0.0, 1.0)
+  if crop > in_size:
+    raise ValueError(f'crop {crop} is bigger than the resized side {in_size}')
+  far = in_size - crop
+  # torchvision's center_crop: int(round(...)) is Python's round, half to even.
+  mid = int(round(far / 2.0))
+  corners = ((0, 0), (0, far), (far, 0), (far, far), (mid, mid))  # (top, left)
+
+  def five(x_BxRxR):
+    return [x_BxRxR[:, t:t + crop, l:l + crop] for t, l in corners]
+
+  crops_BxSxS = five(x_BxRxR) + five(x_BxRxR[:, :, ::-1])
+  x_TBxSxS = jnp.concatenate(crops_BxSxS, axis=0)  # normalise once, not ten times
+  return normalize(x_TBxSxS).reshape(10, batch, crop, crop, 3)

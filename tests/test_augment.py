@@ -194,3 +194,57 @@ def test_student_view_of_constant_image():
   out = np.asarray(student_view(constant, 4, jax.random.key(6)))
   unchanged = np.all(np.abs(out - (128 / 255 - MEAN) / STD) < 1e-5, axis=(1, 2, 3))
   assert 0.6 < unchanged.mean() < 0.8
+
+
+ten_crop = jax.jit(augment.ten_crop, static_argnums=(1, 2))
+
+
+def _torchvision_ten_crop(image_RxR, crop):
+  """The reference's TenCrop(crop), ToTensor, Normalize on one grey image, as [10, S, S, 3]."""
+  torch = pytest.importorskip('torch')
+  tvf = pytest.importorskip('torchvision.transforms.functional')
+  x_3xRxR = torch.from_numpy(image_RxR.astype(np.float32) / 255).expand(3, -1, -1)
+  crops = tvf.ten_crop(x_3xRxR, crop)
+  views = [tvf.normalize(c, list(augment.IMAGENET_MEAN), list(augment.IMAGENET_STD))
+           for c in crops]
+  return np.stack([v.permute(1, 2, 0).numpy() for v in views])
+
+
+# (R, S): odd and even margins; R - S = 5 puts torchvision's centre at round(2.5) = 2.
+@pytest.mark.parametrize('side,crop', [(11, 6), (12, 6), (9, 9), (16, 7)])
+def test_ten_crop_matches_torchvision(side, crop):
+  image_BxRxR = np.random.default_rng(side).integers(0, 256, (2, side, side), dtype=np.uint8)
+  out = np.asarray(ten_crop(jnp.asarray(image_BxRxR), crop, None))
+  assert out.shape == (10, 2, crop, crop, 3) and out.dtype == np.float32
+  for b in range(2):
+    np.testing.assert_allclose(out[:, b], _torchvision_ten_crop(image_BxRxR[b], crop),
+                               atol=1e-5, rtol=0)
+
+
+def test_ten_crop_order_and_flip():
+  # Pixel value = its column + 10 * row, so every crop is identified by its corner.
+  rows, cols = np.mgrid[0:8, 0:8]
+  image_1xRxR = (cols + 10 * rows).astype(np.uint8)[None]
+  out = np.asarray(ten_crop(jnp.asarray(image_1xRxR), 5, None))[:, 0, :, :, 0]
+  grey = np.rint((out * STD[0] + MEAN[0]) * 255).astype(int)
+  top_left = [(0, 0), (0, 3), (3, 0), (3, 3), (2, 2)]  # (row, column); centre round(1.5) = 2
+  for t, (r, c) in enumerate(top_left):
+    np.testing.assert_array_equal(grey[t], image_1xRxR[0, r:r + 5, c:c + 5])
+  # The flipped five are the same windows of the mirrored image: flipped
+  # top-left is the mirrored top-right, but with an odd margin the flipped
+  # centre is not the mirrored centre (column 2 of the mirror is column 1 + 5).
+  mirrored_RxR = image_1xRxR[0, :, ::-1]
+  for t, (r, c) in enumerate(top_left, start=5):
+    np.testing.assert_array_equal(grey[t], mirrored_RxR[r:r + 5, c:c + 5])
+  np.testing.assert_array_equal(grey[5], grey[1][:, ::-1])
+  np.testing.assert_array_equal(grey[9], image_1xRxR[0, 2:7, 1:6][:, ::-1])
+
+
+def test_ten_crop_centre_at_full_size_is_teacher_view():
+  image = jnp.asarray(np.random.default_rng(7).integers(0, 256, (2, 20, 20), dtype=np.uint8))
+  out = np.asarray(ten_crop(image, 12, 12))
+  np.testing.assert_array_equal(out[4], np.asarray(teacher_view(image, 12)))
+  np.testing.assert_array_equal(out[9], out[4][:, :, ::-1])
+  # A smaller crop of the resized image is the matching window of teacher_view.
+  small = np.asarray(ten_crop(image, 8, 12))
+  np.testing.assert_array_equal(small[3], out[4][:, 4:, 4:])

@@ -1,0 +1,223 @@
+"""Evaluation: per-dataset, per-label AUC of the student and the teacher.
+
+ARK_SPEC.md section 5; DESIGN.md section 2 (`DIR/eval/step_N.json`). For each
+configured dataset, one ordered pass over `config.eval_split`; each example is
+scored by its own dataset's head: sigmoid for multi-label and binary sets,
+softmax for multi-class ones. Views, as the reference:
+
+- default (its validation transform): centre crop S of the stored R x R image;
+- `config.ten_crop` (its test transform): the four corners, the centre and their
+  horizontal flips, the per-crop probabilities averaged (not the logits).
+
+AUC per label with labels lacking a positive (or a negative) left out, the
+`label_mask` respected (an 'ignore'd uncertain label does not count); mean AUC
+over the dataset's evaluation labels (CheXpert: the 5 competition labels);
+argmax accuracy for multi-class sets.
+
+Files (process 0): `eval/step_N.json` (the results) and `eval/step_N_scores.npz`
+(per dataset: labels, mask, student and teacher probabilities, sex and age), from
+which ark_jax.plots draws ROC curves and subgroup analyses are computed.
+
+Shape suffixes: B batch, R stored side, S model input side, D datasets, C classes.
+"""
+
+from collections.abc import Mapping, Sequence
+import json
+import os
+from typing import Any
+
+from flax import nnx
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import numpy as np
+
+from ark_jax import augment
+from ark_jax import metrics
+from ark_jax import sharding
+from ark_jax.models import ark
+from input_pipeline import datasets
+from input_pipeline import pipeline
+
+MODELS = ('student', 'teacher')
+# Datasets whose mean AUC is over some labels only (ARK_SPEC.md section 5).
+EVAL_LABELS = {
+    'chexpert': ('Atelectasis', 'Cardiomegaly', 'Consolidation', 'Edema', 'Pleural Effusion'),
+}
+EVAL_FIELDS = ('image', 'dataset_id')
+
+
+def center_view(image_BxRxR: jax.Array, size: int) -> jax.Array:
+  """The reference's validation view: centre crop S x S (a resize when R < S)."""
+  r = image_BxRxR.shape[-1]
+  if r < size:
+    return augment.teacher_view(image_BxRxR, size)
+  o = (r - size) // 2
+  return augment.normalize(image_BxRxR[:, o:o + size, o:o + size].astype(jnp.float32) / 255.0)
+
+
+def head_probabilities(logits_BxC: jax.Array, dataset_id_B: jax.Array,
+                       is_multiclass_D: np.ndarray, num_classes_D: np.ndarray) -> jax.Array:
+  """Sigmoid, or softmax over the head's real classes for multi-class sets."""
+  multiclass_B = jnp.asarray(is_multiclass_D)[dataset_id_B]
+  real_BxC = jnp.arange(logits_BxC.shape[-1])[None, :] < jnp.asarray(num_classes_D)[dataset_id_B][:, None]
+  softmax_BxC = jax.nn.softmax(jnp.where(real_BxC, logits_BxC, -jnp.inf), axis=-1)
+  return jnp.where(multiclass_B[:, None], softmax_BxC, jax.nn.sigmoid(logits_BxC))
+
+
+def make_predict_fn(graphdef, config, mesh, num_classes: Sequence[int],
+                    is_multiclass: Sequence[bool]):
+  """Jitted `(params, image_BxRxR, dataset_id_B) -> probs_BxC` of each row's own head.
+
+  Args:
+    graphdef: the ArkModel graphdef (student and teacher share it).
+    config: the run's ConfigDict (model.img_size, ten_crop, sharding.rules).
+    mesh: the run's mesh; the batch is split over all of it.
+    num_classes: classes per head, in head order.
+    is_multiclass: per head, True for softmax heads.
+
+  Returns:
+    The jitted function; its output is replicated (every process reads all rows).
+  """
+  size, rules = config.model.img_size, config.sharding.rules
+  ten_crop = bool(config.get('ten_crop', False))
+  num_classes_D = np.asarray(num_classes, np.int32)
+  is_multiclass_D = np.asarray(is_multiclass, bool)
+
+  def predict(params, image_BxRxR, dataset_id_B):
+    with nnx.logical_axis_rules(rules):
+      model = nnx.merge(graphdef, params)
+
+      def probs(x_BxSxSx3):
+        logits_BxC = ark.select_head(model(x_BxSxSx3, train=False)['logits'], dataset_id_B)
+        return head_probabilities(logits_BxC.astype(jnp.float32), dataset_id_B, is_multiclass_D,
+                                  num_classes_D)
+
+      if not ten_crop:
+        return probs(center_view(image_BxRxR, size))
+      # Ten forwards of B images (the reference runs one of 10 B); probabilities
+      # averaged, not logits.
+      views_TxBxSxSx3 = augment.ten_crop(image_BxRxR, size)
+      return sum(probs(views_TxBxSxSx3[t]) for t in range(views_TxBxSxSx3.shape[0])) / \
+          views_TxBxSxSx3.shape[0]
+
+  # Inputs keep the shardings they arrive with (state as created, batch split).
+  return jax.jit(predict, out_shardings=sharding.replicated(mesh))
+
+
+def _gather(x: np.ndarray) -> np.ndarray:
+  """This process's rows -> every process's rows (in process order)."""
+  if jax.process_count() == 1:
+    return x
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def score_dataset(predict, params_by_model: Mapping[str, Any], config, name: str, mesh,
+                  batch_size: int) -> dict[str, np.ndarray]:
+  """Runs every model over one dataset's eval split.
+
+  Returns:
+    {'labels', 'mask', 'sex', 'age', and one probs_NxC per model name}, the
+    padding rows removed, C the dataset's own class count.
+  """
+  d = list(config.data.datasets).index(name)
+  num_classes = config.data.num_classes[d]
+  batch_sh = sharding.batch_sharding(mesh)
+  chunks: dict[str, list[np.ndarray]] = {}
+  it = pipeline.eval_iterator(config.data, name, config.get('eval_split', 'test'), batch_size)
+  try:
+    for host_batch in it:
+      global_batch = [jax.make_array_from_process_local_data(batch_sh, np.asarray(host_batch[f]))
+                      for f in EVAL_FIELDS]
+      valid_B = _gather(np.asarray(host_batch['valid'], bool))
+      for model_name, params in params_by_model.items():
+        probs_BxC = np.asarray(predict(params, *global_batch))
+        chunks.setdefault(model_name, []).append(probs_BxC[valid_B, :num_classes])
+      mask_BxC = np.asarray(host_batch['label_mask'])[:, :num_classes] * np.asarray(
+          host_batch['valid'])[:, None]
+      for field, value in (('labels', np.asarray(host_batch['labels'])[:, :num_classes]),
+                           ('mask', mask_BxC), ('sex', np.asarray(host_batch['sex'])),
+                           ('age', np.asarray(host_batch['age']))):
+        chunks.setdefault(field, []).append(_gather(value)[valid_B])
+  finally:
+    it.close()
+  return {k: np.concatenate(v) for k, v in chunks.items()}
+
+
+def dataset_results(scores: Mapping[str, np.ndarray], meta: datasets.DatasetMetadata,
+                    model_names: Sequence[str]) -> dict[str, Any]:
+  """The JSON entry of one dataset: per model auc, auc_mean, accuracy (multi-class), n."""
+  entry: dict[str, Any] = {'labels': list(meta.label_names)}
+  for model_name in model_names:
+    probs_NxC = scores[model_name]
+    auc = metrics.per_label_auc(probs_NxC, scores['labels'], meta.label_names, scores['mask'])
+    result = {'auc_mean': metrics.mean_auc(auc, EVAL_LABELS.get(meta.name)), 'auc': auc,
+              'n': int(probs_NxC.shape[0])}
+    if meta.task == 'multiclass':
+      result['accuracy'] = metrics.accuracy(probs_NxC, scores['labels'])
+    entry[model_name] = result
+  return entry
+
+
+def evaluate(config, graphdef, params_by_model: Mapping[str, Any], mesh,
+             predict=None) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
+  """Scores every configured dataset with every model.
+
+  Args:
+    config: the run's ConfigDict (data section, eval_split, eval_batch_size, ten_crop).
+    graphdef: the ArkModel graphdef.
+    params_by_model: e.g. {'student': state.params, 'teacher': state.ema_params}.
+    mesh: the run's mesh.
+    predict: a make_predict_fn result to reuse (compiled once per run).
+
+  Returns:
+    (results, scores): results[dataset] is the JSON entry; scores[dataset] the
+    arrays score_dataset returns.
+  """
+  names = list(config.data.datasets)
+  data_dir = config.data.get('data_dir')
+  meta = [datasets.metadata(n, data_dir) for n in names]
+  if predict is None:
+    predict = make_predict_fn(graphdef, config, mesh, [m.num_classes for m in meta],
+                              [m.task == 'multiclass' for m in meta])
+  batch_size = config.get('eval_batch_size') or config.batch_size
+  sharding.check_batch_divisible(batch_size, mesh)
+  results, scores = {}, {}
+  with jax.set_mesh(mesh):
+    for name, m in zip(names, meta):
+      scores[name] = score_dataset(predict, params_by_model, config, name, mesh, batch_size)
+      results[name] = dataset_results(scores[name], m, list(params_by_model))
+  return results, scores
+
+
+def write(workdir: str, step: int, results: Mapping[str, Any],
+          scores: Mapping[str, Mapping[str, np.ndarray]]) -> str:
+  """Writes eval/step_N.json and eval/step_N_scores.npz (call on process 0); the JSON path."""
+  directory = os.path.join(workdir, 'eval')
+  os.makedirs(directory, exist_ok=True)
+  path = os.path.join(directory, f'step_{step}.json')
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump({'step': int(step), 'results': results}, f, indent=1)
+  os.replace(tmp, path)  # a reader never sees half a file
+  arrays = {f'{d}/{k}': v for d, fields in scores.items() for k, v in fields.items()}
+  np.savez_compressed(os.path.join(directory, f'step_{step}_scores.npz'), **arrays)
+  return path
+
+
+def summary_table(results: Mapping[str, Any]) -> str:
+  """A plain-text table: dataset, n, student and teacher mean AUC (and accuracy)."""
+  lines = [f'{"dataset":<24} {"n":>6} {"student AUC":>12} {"teacher AUC":>12}']
+  means = {m: [] for m in MODELS}
+  for name, entry in results.items():
+    row = f'{name:<24} {entry["teacher"]["n"]:>6}'
+    for m in MODELS:
+      value = entry[m]['auc_mean']
+      means[m].append(value)
+      row += f' {value:>12.4f}'
+    if 'accuracy' in entry['teacher']:
+      row += f'   (accuracy: student {entry["student"]["accuracy"]:.4f}, ' \
+             f'teacher {entry["teacher"]["accuracy"]:.4f})'
+    lines.append(row)
+  lines.append(f'{"mean":<24} {"":>6}' + ''.join(f' {np.mean(means[m]):>12.4f}' for m in MODELS))
+  return '\n'.join(lines)
