@@ -39,22 +39,45 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.num_workers = 0  # Grain mp_prefetch processes; 0 reads in the trainer
   c.data.read_threads = 2  # decoding threads per reading process
 
-  c.num_epochs = 20  # epochs (cyclic: one pass over each dataset per epoch)
+  c.augment = ml_collections.ConfigDict()
+  # The student crop's area range. The reference's (0.08, 1) suits X-rays, whose
+  # findings fill the image; a mosaic's labels name items in every quadrant,
+  # which an 8% crop would cut away while keeping their labels.
+  c.augment.crop_scale = (0.7, 1.0)
+
+  c.num_epochs = 4  # epochs (cyclic: one pass over each dataset per epoch)
   c.max_steps = 0  # stop after this many optimizer steps when > 0
   c.log_every_steps = 10  # steps between lines of workdir/metrics.jsonl
   c.checkpoint_every_steps = 200  # steps between checkpoints (and one at the end)
+  c.eval_every_steps = 0  # steps between evaluations; 0 = at the end only, -1 = never
+  c.eval_split = 'test'  # the split evaluate.py scores (demo: 1000 images per dataset)
+  c.eval_batch_size = 64  # global; divisible by the device count
+  c.ten_crop = False  # the reference's test view (10 crops, probabilities averaged)
+  c.progress_bar = True  # tqdm on stderr (process 0)
   c.teacher_init = 'independent'  # 'independent' (the reference) | 'copy' of the student
   # 'pass': one EMA update per dataset pass, momentum indexed by the pass (the
   # reference); 'step': one per optimizer step, indexed by the step.
-  c.ema = 'pass'
+  c.ema = 'pass' if c.data.schedule == 'cyclic' else 'step'
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = 'sgd'  # Nesterov momentum 0.9 (the reference) | 'adamw'
-  c.optimizer.lr = 0.1  # peak LR
+  # Lower than the reference's 0.3 (Swin-B, batch 200) and clipped: at 0.1 this
+  # small Swin met a NaN (step 227 of a cyclic run); AdamW at 3e-3 collapsed to
+  # constant outputs, at 1e-3 trained unsteadily (README, "The demo").
+  c.optimizer.lr = 0.05  # peak LR
   c.optimizer.warmup_steps = 50  # linear warmup, in optimizer steps
-  c.optimizer.total_steps = 2000  # end of the cosine (warmup included), in steps
+  c.optimizer.warmup_epochs = ml_collections.config_dict.placeholder(float)  # overrides steps
+  c.optimizer.total_steps = -1  # end of the cosine (warmup included); <= 0: the whole run
   c.optimizer.weight_decay = 0.0  # the reference's
-  c.optimizer.clip_grad_norm = 0.0  # global-norm clipping when > 0 (the reference: none)
+  c.optimizer.clip_grad_norm = 1.0  # global-norm clipping when > 0 (the reference: none)
+
+  # Starting weights when the workdir has no checkpoint (DESIGN.md section 2).
+  c.init = ml_collections.ConfigDict()
+  c.init.from_pytorch = ml_collections.config_dict.placeholder(str)  # .pth/.pth.tar/.safetensors
+  # Entry of a dict checkpoint; None: the first of 'teacher', 'state_dict', 'model'.
+  c.init.key = ml_collections.config_dict.placeholder(str)
+  c.init.from_checkpoint = ml_collections.config_dict.placeholder(str)  # an ark_jax workdir
+  c.init.load_heads = True  # False: backbone and projector only (other datasets)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # data-parallel axis; -1 = every device not in fsdp
