@@ -2,6 +2,7 @@ r"""Throughput of the Ark model: images/s, MFU against a measured matmul peak, m
 
   python -m ark_jax.benchmark --config=configs/ark6.py:swin_tiny,128,4 --mode=forward \
       --config.batch_size=16 --steps=20 --warmup=3
+  python -m ark_jax.benchmark --config=configs/demo.py --mode=step --steps=10 --warmup=2
 
 Prints human-readable lines, then ONE JSON object on the last line of stdout
 (benchmarks/*.sh parse it). Modes are a small registry (MODES): each builds a
@@ -14,6 +15,10 @@ Parameters and inputs are random host arrays, not the model's initialisers:
 timings do not depend on the values, and compiling the ~70 initialiser
 programs (truncated normals of every shape) takes 40+ s on a busy 2-core CPU,
 longer than the benchmark itself.
+
+--mode=step times the real train step (train.make_train_step, jitted as the
+trainer does, state from train_state.create_train_state) on synthetic batches;
+it needs a trainer config (configs/demo.py). See `run_step`.
 """
 
 import dataclasses
@@ -32,8 +37,12 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from ark_jax import sharding
+from ark_jax import train
+from ark_jax import train_state
 from ark_jax.models import ark
 from ark_jax.models import registry
+from input_pipeline import datasets
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config (configs/*.py).')
 _MODE = flags.DEFINE_string('mode', 'forward', 'What to time; one of MODES.')
@@ -76,10 +85,12 @@ def _forward(config, model: ark.ArkModel) -> Workload:
   return Workload(jax.jit(forward), (state, x), 2.0 * ark_forward_macs(model))
 
 
-# Later issues add 'step', 'pipeline', 'heads'.
+# 'step' is not a Workload (it threads a donated state): run_step times it.
+# Later issues add 'pipeline', 'heads'.
 MODES: dict[str, Callable[..., Workload]] = {
     'forward': _forward,
 }
+KNOWN_MODES = (*MODES, 'step')
 
 
 def matmul_peak_flops(device: jax.Device, repeats: int = 5) -> tuple[float, str]:
@@ -140,10 +151,12 @@ def run(config, mode: str = 'forward', steps: int = 20, warmup: int = 3) -> dict
   Returns:
     A flat dict of results (see the keys below); times in seconds.
   """
-  if mode not in MODES:
-    raise ValueError(f'Unknown benchmark mode {mode!r}; known modes: {sorted(MODES)}.')
+  if mode not in KNOWN_MODES:
+    raise ValueError(f'Unknown benchmark mode {mode!r}; known modes: {sorted(KNOWN_MODES)}.')
   if steps < 1 or warmup < 0:
     raise ValueError(f'Need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}.')
+  if mode == 'step':
+    return run_step(config, steps, warmup)
   device = jax.devices()[0]
   model = random_model(config)
   param_count = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -198,6 +211,155 @@ def run(config, mode: str = 'forward', steps: int = 20, warmup: int = 3) -> dict
   }
 
 
+# The parts of the train step whose cost `run_step` splits out, each timed by a
+# variant step that leaves it out (train.make_train_step's `skip`).
+STEP_PARTS = ('augment', 'teacher', 'ema')
+
+
+def synthetic_batches(config, num_classes, is_multiclass, count: int, mesh) -> list[dict]:
+  """`count` global batches of train.STEP_FIELDS: random uint8 images and labels.
+
+  Rows cycle through the datasets (every head is used), all rows valid,
+  pass_index 0; labels are one-hot for multi-class heads, random 0/1 else.
+  """
+  rng = np.random.default_rng(config.seed)
+  b, r, m = config.batch_size, config.data.image_size, max(num_classes)
+  classes_D, multiclass_D = np.asarray(num_classes), np.asarray(is_multiclass, bool)
+  batch_sharding = sharding.batch_sharding(mesh)
+  batches = []
+  for i in range(count):
+    dataset_id = ((np.arange(b) + i) % len(num_classes)).astype(np.int32)
+    classes = classes_D[dataset_id]
+    mask = (np.arange(m)[None] < classes[:, None]).astype(np.float32)
+    onehot = np.eye(m, dtype=np.float32)[rng.integers(0, classes)]
+    labels = np.where(multiclass_D[dataset_id][:, None], onehot,
+                      rng.integers(0, 2, (b, m)).astype(np.float32)) * mask
+    host = {'image': rng.integers(0, 256, (b, r, r), dtype=np.uint8), 'labels': labels,
+            'label_mask': mask, 'dataset_id': dataset_id, 'valid': np.ones(b, bool),
+            'pass_index': np.zeros(b, np.int32)}
+    batches.append({name: jax.make_array_from_process_local_data(batch_sharding, host[name])
+                    for name in train.STEP_FIELDS})
+  return batches
+
+
+def _compile_variants(config, graphdef, num_classes, is_multiclass, state, state_shardings,
+                      batch, mesh):
+  """name -> (`call(state, batch) -> state`, compiled program, compile seconds).
+
+  'full' is the trainer's step; 'augment', 'teacher' and 'ema' leave that part
+  out. With ema='pass' the step holds no EMA update: 'ema' is then the
+  separate end-of-pass update (train.make_ema_update), timed on its own.
+  """
+  def compile_timed(jitted, arg):
+    start = time.perf_counter()
+    return jitted.lower(state, arg).compile(), time.perf_counter() - start
+
+  def step(*skip):
+    compiled, seconds = compile_timed(train.jit_train_step(
+        train.make_train_step(graphdef, config, num_classes, is_multiclass, skip=frozenset(skip)),
+        state_shardings, mesh), batch)
+    return (lambda state, batch: compiled(state, batch)[0]), compiled, seconds
+
+  variants = {'full': step(), 'augment': step('augment'), 'teacher': step('teacher')}
+  if config.ema == 'step':
+    variants['ema'] = step('ema')
+  else:
+    pass_index = jax.device_put(np.int32(0), sharding.replicated(mesh))
+    compiled, seconds = compile_timed(train.make_ema_update(config, state_shardings, mesh),
+                                      pass_index)
+    variants['ema'] = (lambda state, _: compiled(state, pass_index)), compiled, seconds
+  return variants
+
+
+def run_step(config, steps: int = 20, warmup: int = 3) -> dict:
+  """Times the full Ark+ train step and its variants; splits the step's time.
+
+  Variants alternate (full, augment, teacher, ema, full, ...) so that machine
+  noise falls on all of them alike; each call ends with one block_until_ready
+  on the state, the only host sync. The split is (full - variant) / full of
+  the medians; with ema='pass' the 'ema' share is the separate end-of-pass
+  update over one step (paid once per dataset pass, not every step). 'rest'
+  (student forward and backward, heads, loss, optimizer) is what the parts
+  inside the step leave of it.
+
+  Args:
+    config: a trainer config (configs/demo.py): model, data, optimizer, mesh, ema...
+    steps: timed calls of each variant.
+    warmup: untimed calls of each variant after compilation.
+
+  Returns:
+    The fields of `run` (img/s, step times, MFU of the full step...), plus
+    'split' (shares of the full step) and 'variant_step_time_s_median'.
+  """
+  mesh = sharding.make_mesh(config.mesh)
+  train.check_config(config, mesh.size)
+  num_classes = tuple(config.data.num_classes)
+  # The registered builders know their task; nothing is read from disk.
+  is_multiclass = [datasets.metadata(n).task == 'multiclass' for n in config.data.datasets]
+  graphdef, state, state_shardings = train_state.create_train_state(
+      config, num_classes, mesh, config.sharding.rules)
+  param_count = sum(p.size for p in jax.tree.leaves(state.params))
+  # Student forward + backward (3x) and teacher forward (1x): DESIGN.md section 5.
+  flops_per_image = 4 * 2.0 * ark_forward_macs(nnx.merge(graphdef, state.params))
+  batches = synthetic_batches(config, num_classes, is_multiclass, len(num_classes), mesh)
+  device = jax.devices()[0]
+
+  peak_before, _ = matmul_peak_flops(device)
+  with jax.set_mesh(mesh):
+    variants = _compile_variants(config, graphdef, num_classes, is_multiclass, state,
+                                 state_shardings, batches[0], mesh)
+    times = {name: [] for name in variants}
+    for i in range(warmup + steps):
+      batch = batches[i % len(batches)]
+      for name, (call, _, _) in variants.items():
+        start = time.perf_counter()
+        state = jax.block_until_ready(call(state, batch))
+        if i >= warmup:
+          times[name].append(time.perf_counter() - start)
+  peak_after, peak_kind = matmul_peak_flops(device)
+  # Fake CPU devices share one CPU; accelerators add their peaks.
+  peak = max(peak_before, peak_after) * (1 if device.platform == 'cpu' else mesh.size)
+
+  median = {name: statistics.median(t) for name, t in times.items()}
+  full = median['full']
+  split = {part: (full - median[part]) / full for part in ('augment', 'teacher')}
+  split['ema'] = ((full - median['ema']) if config.ema == 'step' else median['ema']) / full
+  split['rest'] = 1.0 - split['augment'] - split['teacher'] - (
+      split['ema'] if config.ema == 'step' else 0.0)
+  achieved = flops_per_image * config.batch_size / full
+  memory, memory_source = peak_memory_bytes(device)
+  return {
+      'mode': 'step',
+      'model': f'{config.model.name}_{config.model.variant}',
+      'img_size': config.model.img_size,
+      'window_size': config.model.window_size if config.model.name == 'swin' else None,
+      'batch_size': config.batch_size,
+      'dtype': config.model.dtype,
+      'param_count': int(param_count),
+      'device': f'{device.platform}:{device.device_kind}',
+      'num_devices': mesh.size,
+      'jax_version': jax.__version__,
+      'ema': config.ema,
+      'compile_s': variants['full'][2],
+      'steps': steps,
+      'warmup': warmup,
+      'step_time_s_min': min(times['full']),
+      'step_time_s_median': full,
+      'step_time_s_max': max(times['full']),
+      'img_per_s': config.batch_size / full,
+      'gflops_per_image': flops_per_image / 1e9,
+      'tflops_per_s': achieved / 1e12,
+      'peak_tflops_per_s': peak / 1e12,
+      'peak_matmul': peak_kind,
+      'mfu': achieved / peak,
+      'peak_memory_bytes': memory,
+      'peak_memory_source': memory_source,
+      'program_memory_bytes': _program_bytes(variants['full'][1].memory_analysis()),
+      'split': split,
+      'variant_step_time_s_median': median,
+  }
+
+
 def _program_bytes(analysis) -> int | None:
   if analysis is None:
     return None
@@ -220,7 +382,8 @@ def summary_lines(result: dict) -> list[str]:
       f"MFU {r['mfu']:.1%}",
       f"peak memory {r['peak_memory_bytes'] / 2**30:.2f} GiB ({r['peak_memory_source']}); "
       f"compiled program {(r['program_memory_bytes'] or 0) / 2**30:.2f} GiB",
-  ]
+  ] + ([f"split of the step ({r['ema']} EMA): "
+        + ', '.join(f'{k} {v:.1%}' for k, v in r['split'].items())] if 'split' in r else [])
 
 
 def main(argv):
@@ -228,8 +391,9 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if _CONFIG.value is None:
     raise app.UsageError('--config is required, e.g. --config=configs/ark6.py:swin_tiny,128,4')
-  if _MODE.value not in MODES:  # a usage message, not a traceback
-    raise app.UsageError(f'--mode={_MODE.value!r} is unknown; known modes: {sorted(MODES)}.')
+  if _MODE.value not in KNOWN_MODES:  # a usage message, not a traceback
+    raise app.UsageError(f'--mode={_MODE.value!r} is unknown; known modes: '
+                         f'{sorted(KNOWN_MODES)}.')
   result = run(_CONFIG.value, _MODE.value, _STEPS.value, _WARMUP.value)
   print('\n'.join(summary_lines(result)))
   print(json.dumps(result), flush=True)
