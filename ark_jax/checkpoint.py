@@ -197,6 +197,50 @@ class Checkpointer:
     """Committed steps, oldest first."""
     return sorted(self._manager.all_steps())
 
+  def read_meta(self, step: int | None = None) -> dict[str, Any]:
+    """The `meta` dict saved with a step (newest when None), without reading arrays.
+
+    Cheap: lets a caller check that a checkpoint fits the config (datasets,
+    heads, model) before building and compiling anything.
+    """
+    if step is None:
+      step = self.latest_step()
+      if step is None:
+        raise FileNotFoundError(f'No committed checkpoint in {self.directory}.')
+    restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return restored['meta']['meta']
+
+  def restore_field(self, step: int, field: str, abstract_subtree: Any) -> Any:
+    """One field of a saved state object (e.g. a TrainState's 'ema_params'), verified.
+
+    For starting another run from this one's weights (config.init.from_checkpoint):
+    the optimizer state, which may have another structure, is not read.
+
+    Args:
+      step: a committed step.
+      field: the attribute name of the saved state's field.
+      abstract_subtree: ShapeDtypeStructs (with target shardings) of that field.
+
+    Raises:
+      CorruptCheckpointError: a leaf's checksum differs from the saved one.
+    """
+    manager = ocp.CheckpointManager(self.directory)  # fresh: a PyTree handler for 'state'
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore({field: abstract_subtree}, partial_restore=True),
+          meta=ocp.args.JsonRestore()))
+    finally:
+      manager.close()
+    subtree, record = restored['state'][field], restored['meta']
+    expected = record.get('checksums') or {}
+    for leaf, value in state_checksums(subtree).items():
+      saved = expected.get(f'.{field}{leaf}')
+      if saved is not None and saved != value:
+        raise CorruptCheckpointError(
+            f'Checkpoint step {step}: leaf .{field}{leaf} checksum {value} != saved {saved} '
+            f'({CHECKSUM_METHOD}).')
+    return subtree
+
   def restore(self, step: int | None, abstract_state: Any,
               data_iterator: Any | None = None) -> tuple[Any, dict[str, Any]]:
     """Restores one step onto the shardings `abstract_state` carries.

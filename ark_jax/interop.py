@@ -380,3 +380,67 @@ def load_ark_model(state_dict: Mapping, model_name: str, num_classes: Sequence[i
   heads_state['kernel'] = heads_state['kernel'].replace(jnp.asarray(kernel_DxPxC))
   heads_state['bias'] = heads_state['bias'].replace(jnp.asarray(bias_DxC))
   return nnx.merge(graphdef, abstract_state)
+
+
+def init_params(state_dict: Mapping, abstract_model: ark.ArkModel) -> nnx.State:
+  """Params to start an Ark model from, out of any supported PyTorch state dict.
+
+  The backbone always (current timm, timm 0.5.4 / Ark or Microsoft layout);
+  the projector and the heads too when the dict has them (an Ark checkpoint),
+  in which case the heads must be the configured ones: a checkpoint of other
+  datasets would put its heads' meanings on ours.
+
+  Args:
+    state_dict: name -> array (read_state_dict's result).
+    abstract_model: the configured ArkModel (nnx.eval_shape is enough).
+
+  Returns:
+    An nnx.State holding 'backbone' and, for Ark checkpoints, 'projector' and
+    'heads' (for train_state.create_train_state's init_params).
+
+  Raises:
+    WeightsMismatchError: naming every missing, unexpected or misshapen tensor,
+      or the head sizes when they differ from the model's.
+  """
+  family = registry.family_of(abstract_model.backbone)
+  sd = _canonical(state_dict, family)
+  _, full = nnx.split(abstract_model)
+  backbone, missing, misshapen, used = _assign(full['backbone'], sd)
+  skipped = _SKIPPED_ON_BACKBONE_LOAD[family]
+  unexpected = [f'{k} {list(v.shape)}' for k, v in sd.items()
+                if k not in used and not skipped.search(k)]
+  _raise_if_mismatched(f'the {family} backbone', missing, misshapen, unexpected)
+  parts = {'backbone': backbone}
+  if any(k.startswith('projector.') for k in sd):
+    mlp = abstract_model.projector.fc2 is not None
+    projector, missing, misshapen, _ = _assign(full['projector'], sd, 'projector.',
+                                               rename=_ark_projector_name(mlp))
+    _raise_if_mismatched('the projector (model.projector_dim / projector_mlp)', missing,
+                         misshapen, [])
+    parts['projector'] = projector
+  heads = sorted(int(m[1]) for k in sd if (m := re.match(r'^omni_heads\.(\d+)\.weight$', k)))
+  if heads:
+    found = tuple(int(sd[f'omni_heads.{k}.weight'].shape[0]) for k in heads)
+    if heads != list(range(len(heads))) or found != abstract_model.num_classes:
+      raise WeightsMismatchError(
+          f'The checkpoint has heads (omni_heads) of sizes {found}, the configured datasets '
+          f'have {abstract_model.num_classes} classes (config.data.datasets / num_classes): '
+          'heads are not interchangeable. Drop omni_heads.* from the file to load only the '
+          'backbone and projector.')
+    width = max(found)
+    projector_dim = full['heads']['kernel'].shape[1]
+    kernel_DxPxC = np.zeros((len(found), projector_dim, width), np.float32)
+    bias_DxC = np.zeros((len(found), width), np.float32)
+    for k, n in enumerate(found):
+      weight = sd[f'omni_heads.{k}.weight']
+      if weight.shape[1] != projector_dim or f'omni_heads.{k}.bias' not in sd:
+        raise WeightsMismatchError(
+            f'omni_heads.{k}: weight {list(weight.shape)} (bias present: '
+            f'{f"omni_heads.{k}.bias" in sd}); the model wants [{n}, {projector_dim}] and a bias.')
+      kernel_DxPxC[k, :, :n] = weight.T
+      bias_DxC[k, :n] = sd[f'omni_heads.{k}.bias']
+    head_state = full['heads']
+    head_state['kernel'] = head_state['kernel'].replace(jnp.asarray(kernel_DxPxC))
+    head_state['bias'] = head_state['bias'].replace(jnp.asarray(bias_DxC))
+    parts['heads'] = head_state
+  return nnx.State(parts)

@@ -1,9 +1,10 @@
 r"""Command line of ark_jax (DESIGN.md section 2).
 
   python -m ark_jax.main --config=configs/demo.py --workdir=DIR \
-      [--mode=train] [--config.KEY=VALUE ...]
+      [--mode=train|eval] [--config.KEY=VALUE ...]
 
-Only `train` exists so far (eval, predict and export are to come). On TPU pods
+`train` trains (resuming from DIR/checkpoints); `eval` evaluates the newest
+checkpoint of DIR into DIR/eval/step_N.json (predict and export are to come). On TPU pods
 and SLURM, jax.distributed finds its peers itself; --coordinator_address,
 --num_processes and --process_id are for anything else.
 """
@@ -16,7 +17,7 @@ from ml_collections import config_flags
 
 from ark_jax import train
 
-MODES = ('train',)
+MODES = ('train', 'eval')
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
@@ -41,7 +42,10 @@ def main(argv):
     jax.distributed.initialize(**given)
   logging.info('JAX process %d of %d, %d devices', jax.process_index(), jax.process_count(),
                jax.device_count())
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  if _MODE.value == 'train':
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  else:
+    train.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == '__main__':

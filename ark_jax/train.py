@@ -13,27 +13,37 @@ ARK_SPEC.md section 3; DESIGN.md section 1. One train step (donated state):
   ema='step': teacher <- m teacher + (1 - m) student inside the step;
   ema='pass': by a separate jitted call on the last batch of each dataset pass.
 
-Not here yet: evaluation (AUC) during training, TensorBoard, init from PyTorch.
+Around it: evaluation (ark_jax/evaluate.py) every eval_every_steps and at the
+end, TensorBoard scalars, a progress bar, SIGTERM -> checkpoint and return.
 """
 
+from collections.abc import Mapping
 import json
 import os
+import signal
 import time
 from typing import Any
 
 from absl import logging
 from flax import nnx
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import optax
+from tensorboard import summary as tb_summary
+import tqdm
 
 from ark_jax import augment
 from ark_jax import checkpoint
+from ark_jax import evaluate
+from ark_jax import interop
 from ark_jax import losses
+from ark_jax import plots
 from ark_jax import schedules
 from ark_jax import sharding
 from ark_jax import train_state as train_state_lib
 from ark_jax.models import ark
+from ark_jax.models import registry
 from input_pipeline import datasets
 from input_pipeline import pipeline
 
@@ -61,7 +71,8 @@ def check_config(config, num_devices: int) -> None:
     raise ValueError('Set config.num_epochs > 0 or config.max_steps > 0.')
 
 
-def make_train_step(graphdef, config, num_classes, is_multiclass):
+def make_train_step(graphdef, config, num_classes, is_multiclass, *,
+                    skip: frozenset[str] = frozenset()):
   """The pure train step `(state, batch) -> (state, metrics)`.
 
   Args:
@@ -69,6 +80,9 @@ def make_train_step(graphdef, config, num_classes, is_multiclass):
     config: the run's ConfigDict.
     num_classes: class count of each head, in head order.
     is_multiclass: per head, True for softmax-CE (multi-class) datasets.
+    skip: parts to leave out, for ark_jax/benchmark.py's time split only:
+      'augment' (both views are the plain resized image), 'teacher' (z_t = 0,
+      no teacher forward), 'ema' (no in-step EMA update). Empty for training.
 
   Returns:
     The step; `batch` holds the STEP_FIELDS as global arrays; metrics are
@@ -81,6 +95,10 @@ def make_train_step(graphdef, config, num_classes, is_multiclass):
   num_classes_D = np.asarray(num_classes, np.int32)
   is_multiclass_D = np.asarray(is_multiclass, bool)
   size, total, rules = config.model.img_size, ema_total(config), config.sharding.rules
+  # RandomResizedCrop's area range: the reference's (0.08, 1) unless configured.
+  crop_scale = tuple(config.get('augment', {}).get('crop_scale', augment.CROP_SCALE))
+  if unknown := set(skip) - {'augment', 'teacher', 'ema'}:
+    raise ValueError(f'make_train_step: unknown parts to skip {sorted(unknown)}.')
 
   def teacher_forward(ema_params, x):
     teacher = nnx.merge(graphdef, jax.lax.stop_gradient(ema_params))
@@ -98,9 +116,11 @@ def make_train_step(graphdef, config, num_classes, is_multiclass):
       c = schedules.consistency_weight(momentum)
       valid = batch['valid']
 
-      z_t = jax.named_call(teacher_forward, name='teacher')(
-          state.ema_params, augment.teacher_view(batch['image'], size))
-      x_s = augment.student_view(batch['image'], size, view_rng)
+      x_t = augment.teacher_view(batch['image'], size)
+      z_t = (None if 'teacher' in skip else
+             jax.named_call(teacher_forward, name='teacher')(state.ema_params, x_t))
+      x_s = x_t if 'augment' in skip else augment.student_view(batch['image'], size, view_rng,
+                                                               crop_scale)
 
       def loss_fn(params):
         out = jax.named_call(student_forward, name='student')(params, x_s, drop_rng)
@@ -108,7 +128,8 @@ def make_train_step(graphdef, config, num_classes, is_multiclass):
         task, task_D, count_D = losses.task_loss(logits, batch['labels'], batch['label_mask'],
                                                  batch['dataset_id'], is_multiclass_D,
                                                  num_classes_D, valid)
-        cons = losses.consistency_loss(out['z'], z_t, valid)
+        target = jax.numpy.zeros_like(out['z']) if z_t is None else z_t
+        cons = losses.consistency_loss(out['z'], target, valid)
         loss = losses.ark_loss(task, cons, c)
         return loss, dict(task_loss=task, consistency_loss=cons, task_loss_D=task_D,
                           count_D=count_D)
@@ -117,7 +138,7 @@ def make_train_step(graphdef, config, num_classes, is_multiclass):
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
       ema_params = state.ema_params
-      if config.ema == 'step':
+      if config.ema == 'step' and 'ema' not in skip:
         ema_params = schedules.ema_update(ema_params, params, momentum)
       metrics = dict(loss=loss, lr=lr_fn(state.step), ema_momentum=momentum,
                      consistency_weight=c, grad_norm=optax.global_norm(grads), **aux)
@@ -170,11 +191,14 @@ class MetricsWriter:
 
   The buffer is fetched once per log (one host sync per log_every_steps), each
   step's loss checked for finiteness; the line holds the logged step's values
-  and the throughput over the window.
+  and the throughput over the window. The same scalars go to TensorBoard.
   """
 
-  def __init__(self, path: str, dataset_names, batch_size: int, write: bool):
-    self.path, self.names, self.batch_size, self.write = path, list(dataset_names), batch_size, write
+  def __init__(self, workdir: str, dataset_names, batch_size: int, write: bool):
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.names, self.batch_size, self.write = list(dataset_names), batch_size, write
+    # TensorBoard event files without TensorFlow (STACK_NOTES.md section 10).
+    self.tensorboard = tb_summary.Writer(os.path.join(workdir, 'tensorboard')) if write else None
     self.pending: list[tuple[int, dict[str, jax.Array], np.ndarray]] = []
     self.window_start = time.perf_counter()
 
@@ -190,10 +214,10 @@ class MetricsWriter:
   def add(self, step: int, metrics, dataset_id_B: np.ndarray):
     self.pending.append((step, metrics, dataset_id_B))
 
-  def flush(self):
+  def flush(self) -> dict[str, Any] | None:
     """Fetches the buffered metrics, raises on a non-finite loss, writes one line."""
     if not self.pending:
-      return
+      return None
     fetched = jax.device_get([m for _, m, _ in self.pending])
     now = time.perf_counter()
     for (step, _, ids), m in zip(self.pending, fetched):
@@ -216,32 +240,149 @@ class MetricsWriter:
     if self.write:
       with open(self.path, 'a') as f:
         f.write(json.dumps(line) + '\n')
+      self.scalars(step, {f'train/{k}': v for k, v in line.items() if k != 'step'})
     logging.info('step %d: %s', step, line)
     self.pending, self.window_start = [], time.perf_counter()
+    return line
+
+  def scalars(self, step: int, values: Mapping[str, float]):
+    if self.tensorboard is None:
+      return
+    for key, value in values.items():
+      self.tensorboard.add_scalar(key, value, step=step)
+    self.tensorboard.flush()
+
+  def close(self):
+    if self.tensorboard is not None:
+      self.tensorboard.close()
+
+
+# ------------------------------------------------------------------------------ setup helpers
+
+
+def resolve_schedule(config, steps_per_epoch: int, num_steps: int):
+  """Epoch-denominated schedule keys -> steps, in a copy of `config`.
+
+  optimizer.warmup_epochs (when set) gives warmup_steps; optimizer.total_steps
+  <= 0 means the whole run (`num_steps`).
+  """
+  config = config.copy_and_resolve_references()
+  o = config.optimizer
+  with config.unlocked():
+    if o.get('warmup_epochs') is not None:
+      o.warmup_steps = int(round(o.warmup_epochs * steps_per_epoch))
+    if o.total_steps <= 0:
+      o.total_steps = int(num_steps)
+  if o.warmup_steps >= o.total_steps:
+    raise ValueError(f'config.optimizer.warmup_steps={o.warmup_steps} (from warmup_epochs='
+                     f'{o.get("warmup_epochs")}) is not below total_steps={o.total_steps}.')
+  return config
+
+
+# Model keys that change parameter shapes: a checkpoint must agree on them.
+_SHAPE_KEYS = ('name', 'variant', 'img_size', 'window_size', 'patch_size', 'embed_dim', 'depths',
+               'depth', 'num_heads', 'dims', 'projector_dim', 'projector_mlp')
+
+
+def check_checkpoint_fits(saved_config: Mapping[str, Any], config, where: str,
+                          heads: bool = True) -> None:
+  """Raises a ValueError naming what differs between a checkpoint's config and ours.
+
+  Called on the checkpoint's metadata, before any state is built or compiled.
+  """
+  saved_data = saved_config.get('data', {})
+  if heads:
+    saved = (tuple(saved_data.get('datasets', ())), tuple(saved_data.get('num_classes', ())))
+    ours = (tuple(config.data.datasets), tuple(config.data.num_classes))
+    if saved != ours:
+      raise ValueError(
+          f'{where} holds heads for datasets {saved[0]} with {saved[1]} classes, but '
+          f'config.data.datasets={ours[0]} with num_classes={ours[1]}: heads are per dataset '
+          'and in order. Use another --workdir, or for config.init.from_checkpoint set '
+          'config.init.load_heads=False to start new heads.')
+  saved_model = saved_config.get('model', {})
+  named = config.model.variant != 'custom' and saved_model.get('variant') != 'custom'
+  for key in _SHAPE_KEYS:
+    if named and key in registry.CUSTOM_SIZE_KEYS:
+      continue  # a named variant fixes these (registry.create_model ignores them)
+    mine, theirs = config.model.get(key), saved_model.get(key)
+    if isinstance(mine, (list, tuple)) or isinstance(theirs, (list, tuple)):
+      mine, theirs = tuple(mine or ()), tuple(theirs or ())
+    if key in saved_model and mine != theirs:
+      raise ValueError(f'{where} was trained with model.{key}={theirs!r}, the config has '
+                       f'model.{key}={mine!r}.')
+
+
+def _init_source(config) -> tuple[str, str] | None:
+  init = config.get('init') or {}
+  given = [(k, init.get(k)) for k in ('from_pytorch', 'from_checkpoint') if init.get(k)]
+  if len(given) > 1:
+    raise ValueError('Set at most one of config.init.from_pytorch and config.init.from_checkpoint.')
+  return given[0] if given else None
+
+
+def load_init_params(config, num_classes, mesh) -> Any:
+  """The weights config.init names, as an nnx.State for create_train_state (or None).
+
+  from_pytorch: a PyTorch/safetensors file (Ark: its `config.init.key` entry,
+  by default 'teacher'; timm or Microsoft Swin: the backbone). from_checkpoint: an
+  ark_jax workdir or checkpoints folder: its newest teacher. Either way the same
+  weights start student and teacher, as the reference loads them into both.
+  """
+  source = _init_source(config)
+  if source is None:
+    return None
+  kind, path = source
+  load_heads = config.init.get('load_heads', True)
+  abstract = nnx.eval_shape(lambda: registry.create_model(config.model, num_classes,
+                                                          rngs=nnx.Rngs(0)))
+  if kind == 'from_pytorch':
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'config.init.from_pytorch={path!r} does not exist.')
+    state_dict = interop.read_state_dict(path, key=config.init.get('key'))
+    if not load_heads:
+      state_dict = {k: v for k, v in state_dict.items() if 'omni_heads.' not in k}
+    try:
+      return interop.init_params(state_dict, abstract)
+    except interop.WeightsMismatchError as e:
+      raise interop.WeightsMismatchError(f'config.init.from_pytorch={path!r}: {e}') from e
+  directory = path if os.path.basename(os.path.normpath(path)) == 'checkpoints' else os.path.join(
+      path, 'checkpoints')
+  with checkpoint.Checkpointer(directory, max_to_keep=None) as source_ckpt:
+    step = source_ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'config.init.from_checkpoint={path!r}: no checkpoint in {directory}.')
+    check_checkpoint_fits(source_ckpt.read_meta(step).get('config', {}), config,
+                          f'config.init.from_checkpoint={path!r} (step {step})', heads=load_heads)
+    _, abstract_params = nnx.split(abstract, nnx.Param)
+    if not load_heads:
+      abstract_params = nnx.State({k: v for k, v in abstract_params.items() if k != 'heads'})
+    replicated = sharding.replicated(mesh)
+    abstract_params = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract_params)
+    # The released model of a run is its teacher (ARK_SPEC.md section 5).
+    return source_ckpt.restore_field(step, 'ema_params', abstract_params)
+
+
+# ------------------------------------------------------------------------------ the run
 
 
 def train_and_evaluate(config, workdir: str):
   """Trains Ark+ as `config` says, resuming from workdir/checkpoints if there is one.
 
-  Writes workdir/config.json, workdir/metrics.jsonl and workdir/checkpoints.
+  Writes workdir/config.json, metrics.jsonl, tensorboard/, checkpoints/, eval/
+  (every eval_every_steps and at the end) and the plots. SIGTERM saves a
+  checkpoint at the current step and returns.
 
   Returns:
     The final TrainState.
   """
   # ----------------------------------------------------------------------------
-  # Mesh and config checks.
+  # Mesh, data sizes and config checks: every error before any compilation.
   # ----------------------------------------------------------------------------
   mesh = sharding.make_mesh(config.mesh)
   check_config(config, mesh.size)
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  if is_main:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
-
-  # ----------------------------------------------------------------------------
-  # Data: the host-batch stream; heads and their loss types from the metadata.
-  # ----------------------------------------------------------------------------
   data_dir = config.data.get('data_dir')
   names = list(config.data.datasets)
   meta = [datasets.metadata(n, data_dir) for n in names]
@@ -250,32 +391,53 @@ def train_and_evaluate(config, workdir: str):
     raise ValueError(f'config.data.num_classes={num_classes} but the datasets {names} have '
                      f'{tuple(m.num_classes for m in meta)} classes.')
   is_multiclass = [m.task == 'multiclass' for m in meta]
-  num_steps = config.num_epochs * pipeline.steps_per_epoch(config.data, config.batch_size)
+  steps_per_epoch = pipeline.steps_per_epoch(config.data, config.batch_size)
+  num_steps = config.num_epochs * steps_per_epoch
   if config.max_steps > 0:
     num_steps = min(num_steps, config.max_steps) if config.num_epochs > 0 else config.max_steps
-  train_iter = pipeline.train_iterator(config.data, config.batch_size, config.seed,
-                                       num_epochs=config.num_epochs or None)
+  config = resolve_schedule(config, steps_per_epoch, num_steps)
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                 save_every_steps=config.checkpoint_every_steps)
+  # Resume order: this workdir's checkpoint > config.init > scratch.
+  init_params = None
+  if ckpt.latest_step() is not None:
+    check_checkpoint_fits(ckpt.read_meta().get('config', {}), config,
+                          f'The checkpoint in {ckpt.directory}')
+  else:
+    init_params = load_init_params(config, num_classes, mesh)
 
   # ----------------------------------------------------------------------------
-  # Train state, created sharded.
+  # Train state (created sharded), data and step functions.
   # ----------------------------------------------------------------------------
   graphdef, state, state_shardings = train_state_lib.create_train_state(
-      config, num_classes, mesh, config.sharding.rules)
-
-  # ----------------------------------------------------------------------------
-  # Step functions.
-  # ----------------------------------------------------------------------------
+      config, num_classes, mesh, config.sharding.rules, init_params=init_params)
+  train_iter = pipeline.train_iterator(config.data, config.batch_size, config.seed,
+                                       num_epochs=config.num_epochs or None)
   train_step = jit_train_step(make_train_step(graphdef, config, num_classes, is_multiclass),
                               state_shardings, mesh)
   ema_update = make_ema_update(config, state_shardings, mesh) if config.ema == 'pass' else None
+  predict = evaluate.make_predict_fn(graphdef, config, mesh, num_classes, is_multiclass)
+
+  def run_eval(step, state):
+    results, scores = evaluate.evaluate(config, graphdef, {'student': state.params,
+                                                           'teacher': state.ema_params},
+                                        mesh, predict)
+    if is_main:
+      evaluate.write(workdir, step, results, scores)
+      writer.scalars(step, {f'eval/{d}/{m}_auc_mean': r[m]['auc_mean']
+                            for d, r in results.items() for m in evaluate.MODELS})
+      logging.info('Evaluation at step %d:\n%s', step, evaluate.summary_table(results))
+    return results
 
   # ----------------------------------------------------------------------------
   # Restore: state AND data iterator from the newest intact checkpoint.
   # ----------------------------------------------------------------------------
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                 save_every_steps=config.checkpoint_every_steps)
-  writer = MetricsWriter(os.path.join(workdir, 'metrics.jsonl'), names, config.batch_size,
-                         is_main)
+  writer = MetricsWriter(workdir, names, config.batch_size, is_main)
   step = 0
   restored = ckpt.restore_latest_intact(_abstract(state, state_shardings), train_iter)
   if restored is not None:
@@ -283,10 +445,16 @@ def train_and_evaluate(config, workdir: str):
     logging.info('Resumed from step %d of %s.', step, ckpt.directory)
   writer.truncate_after(step)
   ckpt_meta = {'config': json.loads(config.to_json_best_effort())}
+  previous_sigterm = checkpoint.install_sigterm_handler(
+      lambda signum: logging.warning('SIGTERM: checkpointing at the end of this step.'))
+  progress = tqdm.tqdm(total=num_steps, initial=step, desc='train', unit='step',
+                       disable=not (is_main and config.get('progress_bar', True)), mininterval=2)
 
   # ----------------------------------------------------------------------------
   # Loop. The host step counter mirrors state.step without reading it back.
   # ----------------------------------------------------------------------------
+  preempted, results = False, None
+  eval_every = config.get('eval_every_steps', 0)  # 0: at the end only; < 0: never
   try:
     with jax.set_mesh(mesh):
       while step < num_steps:
@@ -298,15 +466,76 @@ def train_and_evaluate(config, workdir: str):
         if ema_update is not None and bool(host_batch['pass_end'][0]):
           state = ema_update(state, np.int32(host_batch['pass_index'][0]))
         step += 1
+        progress.update()
         writer.add(step, metrics, host_batch['dataset_id'][host_batch['valid']])
+        preempted = _stop_requested(step, config.log_every_steps)
         # Flush (and so check the loss) before any checkpoint: never save a NaN state.
         if (step % config.log_every_steps == 0 or step % config.checkpoint_every_steps == 0
-            or step == num_steps):
-          writer.flush()
-        ckpt.save(step, state, train_iter, ckpt_meta, force=step == num_steps)
-      writer.flush()
-      ckpt.save(step, state, train_iter, ckpt_meta, force=True)
+            or step == num_steps or preempted):
+          line = writer.flush()
+          if line:
+            progress.set_postfix(loss=f'{line["loss"]:.4f}', refresh=False)
+        ckpt.save(step, state, train_iter, ckpt_meta, force=step == num_steps or preempted)
+        if preempted:
+          ckpt.wait()
+          logging.warning('Stopped by SIGTERM at step %d; the checkpoint is saved.', step)
+          break
+        if eval_every > 0 and step % eval_every == 0 and step < num_steps:
+          results = run_eval(step, state)
+      if not preempted:
+        writer.flush()
+        ckpt.save(step, state, train_iter, ckpt_meta, force=True)
   finally:
+    progress.close()
+    signal.signal(signal.SIGTERM, previous_sigterm)
     ckpt.close()
     train_iter.close()
+  if not preempted and eval_every >= 0:
+    results = run_eval(step, state)
+    if is_main:
+      plots.plot_auc_history(workdir)
+      plots.plot_roc_curves(workdir, step)
+      print(f'Evaluation at step {step} ({config.get("eval_split", "test")} split, mean AUC):\n'
+            + evaluate.summary_table(results), flush=True)
+  writer.close()
   return state
+
+
+def _stop_requested(step: int, every: int) -> bool:
+  """SIGTERM seen; with several processes, by any (agreed at log steps so all stop together)."""
+  if jax.process_count() == 1:
+    return checkpoint.preemption_requested()
+  if step % every:
+    return False
+  flag = np.asarray(checkpoint.preemption_requested())
+  return bool(np.any(multihost_utils.process_allgather(flag)))
+
+
+def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict[str, Any]:
+  """--mode=eval: the newest (or given) checkpoint of workdir, evaluated and written."""
+  mesh = sharding.make_mesh(config.mesh)
+  check_config(config, mesh.size)
+  names = list(config.data.datasets)
+  meta = [datasets.metadata(n, config.data.get('data_dir')) for n in names]
+  num_classes = tuple(m.num_classes for m in meta)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), max_to_keep=None)
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'--mode=eval: no checkpoint in {ckpt.directory}.')
+    check_checkpoint_fits(ckpt.read_meta(step).get('config', {}), config,
+                          f'The checkpoint {ckpt.directory}/{step}')
+    graphdef, abstract, shardings = train_state_lib.abstract_train_state(
+        config, num_classes, mesh, config.sharding.rules)
+    state, _ = ckpt.restore(step, _abstract(abstract, shardings))
+  finally:
+    ckpt.close()
+  results, scores = evaluate.evaluate(config, graphdef, {'student': state.params,
+                                                         'teacher': state.ema_params}, mesh)
+  if jax.process_index() == 0:
+    evaluate.write(workdir, step, results, scores)
+    plots.plot_auc_history(workdir)
+    plots.plot_roc_curves(workdir, step)
+    print(f'Evaluation of step {step} ({config.get("eval_split", "test")} split, mean AUC):\n'
+          + evaluate.summary_table(results), flush=True)
+  return results

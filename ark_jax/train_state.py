@@ -116,7 +116,8 @@ def _check_init_params(init_params, abstract_params):
       raise ValueError(f'init_params {name} has shape {got}, the model wants {want}.')
 
 
-def create_train_state(config, num_classes, mesh, rules, *, init_params=None):
+def create_train_state(config, num_classes, mesh, rules, *, init_params=None,
+                       abstract_only: bool = False):
   """Builds the sharded TrainState of student, teacher and optimizer.
 
   Args:
@@ -129,6 +130,7 @@ def create_train_state(config, num_classes, mesh, rules, *, init_params=None):
       and teacher, as the reference loads the same pretrained weights into
       both; entries it lacks (e.g. projector, heads) keep their fresh init, so
       the teacher's stay independent under teacher_init='independent'.
+    abstract_only: return jax.eval_shape's TrainState instead of creating it.
 
   Returns:
     (graphdef, state, state_shardings): the student's graphdef (the teacher uses
@@ -169,12 +171,19 @@ def create_train_state(config, num_classes, mesh, rules, *, init_params=None):
   if init_params is not None:
     _check_init_params(init_params, abstract_params)
   state_shardings = train_state_shardings(abstract_params, tx, mesh, rules)
+  if abstract_only:
+    return graphdef, jax.eval_shape(init, init_params), state_shardings
   with jax.set_mesh(mesh):
     # Initialisers need no backend optimisation (registry.materialize).
     compiled = jax.jit(init, out_shardings=state_shardings).lower(init_params).compile(
         compiler_options={'xla_backend_optimization_level': 0})
     state = compiled(init_params)
   return graphdef, state, state_shardings
+
+
+def abstract_train_state(config, num_classes, mesh, rules):
+  """(graphdef, TrainState of ShapeDtypeStructs, shardings): a restore target, nothing computed."""
+  return create_train_state(config, num_classes, mesh, rules, abstract_only=True)
 
 
 def train_state_shardings(abstract_params: nnx.State, tx: optax.GradientTransformation, mesh,

@@ -70,6 +70,10 @@ _SEX_COL = flags.DEFINE_string('sex_col', '', 'csv_images: sex column (optional)
 _AGE_COL = flags.DEFINE_string('age_col', '', 'csv_images: age column (optional).')
 _VIEW_COL = flags.DEFINE_string('view_col', '', 'csv_images: view column (optional).')
 _CLASS_NAMES = flags.DEFINE_list('class_names', [], 'csv_images, multiclass: class order.')
+_DEMO_SOURCE = flags.DEFINE_enum(
+    'demo_source', 'auto', ['auto', 'full', 'subset'],
+    'Demo sets: Fashion-MNIST images from Debian\'s dataset-fashion-mnist (full), the subset '
+    'shipped in the repo (subset: the same data on every machine), or full when installed.')
 
 
 def create_builder(dataset: str, *, data_dir: str, manual_dir: str | None = None,
@@ -125,11 +129,13 @@ def main(argv):
                        task=_TASK.value, split_col=_SPLIT_COL.value, sex_col=_SEX_COL.value,
                        age_col=_AGE_COL.value, view_col=_VIEW_COL.value,
                        class_names=_CLASS_NAMES.value or None)
+  demo_options = ({'source': _DEMO_SOURCE.value} if _DATASET.value in datasets.DEMO_BUILDERS
+                  else {})
   builder = create_builder(
       _DATASET.value, data_dir=_DATA_DIR.value, manual_dir=_MANUAL_DIR.value,
       image_size=_IMAGE_SIZE.value, csv_options=csv_options, num_workers=_NUM_WORKERS.value,
       skip_bad_images=_SKIP_BAD_IMAGES.value, split_files_dir=_SPLIT_FILES_DIR.value,
-      progress=True)
+      progress=True, **demo_options)
   summary = prepare(builder, _MANUAL_DIR.value, overwrite=_OVERWRITE.value)
   if summary is None:
     print(f'{builder.name} is already prepared in {builder.data_dir}; --overwrite rebuilds it.')

@@ -4,63 +4,23 @@ import json
 import os
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
 from ark_jax import sharding
 from ark_jax import train
 from ark_jax import train_state
-from configs import demo
 from input_pipeline import datasets
 from input_pipeline import pipeline
-from input_pipeline import prepare
-from input_pipeline.datasets import fashion_mosaic as fm
+from tests.conftest import tiny_demo_config as make_config  # a 2-stage Swin at 32 px, batch 16
 
-R = 32
 FIELDS = ('step', 'loss', 'task_loss', 'consistency_loss', 'lr', 'ema_momentum',
           'consistency_weight', 'img_per_s')
 
 
-@pytest.fixture(scope='module', autouse=True)
-def compilation_cache(tmp_path_factory):
-  """A persistent compilation cache for this module: the runs of one config share programs."""
-  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
-           'jax_persistent_cache_min_entry_size_bytes')
-  saved = [getattr(jax.config, n) for n in names]
-  for n, v in zip(names, (str(tmp_path_factory.mktemp('jax_cache')), 0, 0)):
-    jax.config.update(n, v)
-  yield
-  for n, v in zip(names, saved):
-    jax.config.update(n, v)
-
-
-@pytest.fixture(scope='session')
-def data_dir(tmp_path_factory):
-  """The four demo datasets at R=32 from the shipped subset, prepared once."""
-  path = str(tmp_path_factory.mktemp('train_demo_data'))
-  for name in fm.BUILDERS:
-    prepare.prepare(prepare.create_builder(name, data_dir=path, image_size=R, source='subset'),
-                    None)
-  return path
-
-
-def make_config(data_dir, **overrides):
-  """The demo config shrunk: a 2-stage Swin of width 16 at 32 px, batch 16."""
-  c = demo.get_config()
-  c.batch_size = 16
-  c.model.img_size, c.model.window_size = R, 4
-  c.model.embed_dim, c.model.depths, c.model.num_heads = 16, (1, 1), (1, 2)
-  c.model.projector_dim = 16
-  c.data.data_dir, c.data.image_size = data_dir, R
-  c.data.read_threads = 1
-  c.num_epochs, c.max_steps = 1, 6
-  c.log_every_steps, c.checkpoint_every_steps = 1, 3
-  c.optimizer = ml_collections.ConfigDict({
-      'name': 'sgd', 'lr': 0.1, 'warmup_steps': 2, 'total_steps': 20, 'weight_decay': 0.0,
-      'clip_grad_norm': 0.0})
-  c.update_from_flattened_dict(overrides)  # 'optimizer.lr'-style keys
-  return c
+@pytest.fixture
+def data_dir(demo_data_dir):
+  return demo_data_dir
 
 
 def read_metrics(workdir):

@@ -89,6 +89,10 @@ def family_of(backbone) -> str:
   raise TypeError(f'Not an ark_jax backbone: {type(backbone).__name__}')
 
 
+# config.model keys that only variant='custom' reads.
+CUSTOM_SIZE_KEYS = ('embed_dim', 'depths', 'depth', 'num_heads', 'dims')
+
+
 def create_model(model_cfg, num_classes, *, rngs):
   """The Ark model (backbone, projector, heads) described by a config's `model` section.
 
@@ -106,8 +110,12 @@ def create_model(model_cfg, num_classes, *, rngs):
   }
   if family not in sizes:
     raise ValueError(f'config.model.name={family!r} is unknown; use one of {sorted(sizes)}.')
-  cfg = backbone_config(family, model_cfg.variant,
-                        **{key: model_cfg.get(key) for key in sizes[family]})
+  keys = sizes[family]
+  if model_cfg.variant != 'custom':
+    # A named variant fixes the widths and depths: `--config.model.variant=tiny`
+    # on a config of custom sizes (the demo's) gives Swin-T, not a hybrid.
+    keys = tuple(k for k in keys if k not in CUSTOM_SIZE_KEYS)
+  cfg = backbone_config(family, model_cfg.variant, **{key: model_cfg.get(key) for key in keys})
   dtype = jnp.dtype(model_cfg.dtype)
   backbone = create_backbone(family, cfg, dtype=dtype, remat=model_cfg.remat, rngs=rngs)
   return ark.ArkModel(backbone, num_classes, projector_dim=model_cfg.projector_dim,
