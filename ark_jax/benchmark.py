@@ -93,6 +93,20 @@ MODES: dict[str, Callable[..., Workload]] = {
 KNOWN_MODES = (*MODES, 'step')
 
 
+def _describe(config, device: jax.Device, param_count: int) -> dict:
+  """The result fields that say what was measured, where."""
+  return {
+      'model': f'{config.model.name}_{config.model.variant}',
+      'img_size': config.model.img_size,
+      'window_size': config.model.window_size if config.model.name == 'swin' else None,
+      'batch_size': config.batch_size,
+      'dtype': config.model.dtype,
+      'param_count': int(param_count),
+      'device': f'{device.platform}:{device.device_kind}',
+      'jax_version': jax.__version__,
+  }
+
+
 def matmul_peak_flops(device: jax.Device, repeats: int = 5) -> tuple[float, str]:
   """Best-of-`repeats` FLOP/s of one square matmul: the roofline MFU is measured against.
 
@@ -184,14 +198,7 @@ def run(config, mode: str = 'forward', steps: int = 20, warmup: int = 3) -> dict
   memory, memory_source = peak_memory_bytes(device)
   return {
       'mode': mode,
-      'model': f'{config.model.name}_{config.model.variant}',
-      'img_size': config.model.img_size,
-      'window_size': config.model.window_size if config.model.name == 'swin' else None,
-      'batch_size': config.batch_size,
-      'dtype': config.model.dtype,
-      'param_count': int(param_count),
-      'device': f'{device.platform}:{device.device_kind}',  # one device: no sharding yet
-      'jax_version': jax.__version__,
+      **_describe(config, device, param_count),  # one device: no sharding yet
       'compile_s': compile_s,
       'steps': steps,
       'warmup': warmup,
@@ -330,15 +337,8 @@ def run_step(config, steps: int = 20, warmup: int = 3) -> dict:
   memory, memory_source = peak_memory_bytes(device)
   return {
       'mode': 'step',
-      'model': f'{config.model.name}_{config.model.variant}',
-      'img_size': config.model.img_size,
-      'window_size': config.model.window_size if config.model.name == 'swin' else None,
-      'batch_size': config.batch_size,
-      'dtype': config.model.dtype,
-      'param_count': int(param_count),
-      'device': f'{device.platform}:{device.device_kind}',
+      **_describe(config, device, param_count),
       'num_devices': mesh.size,
-      'jax_version': jax.__version__,
       'ema': config.ema,
       'compile_s': variants['full'][2],
       'steps': steps,

@@ -445,6 +445,7 @@ def train_and_evaluate(config, workdir: str):
     logging.info('Resumed from step %d of %s.', step, ckpt.directory)
   writer.truncate_after(step)
   ckpt_meta = {'config': json.loads(config.to_json_best_effort())}
+  checkpoint.clear_preemption_request()  # a SIGTERM handled by an earlier run in this process
   previous_sigterm = checkpoint.install_sigterm_handler(
       lambda signum: logging.warning('SIGTERM: checkpointing at the end of this step.'))
   progress = tqdm.tqdm(total=num_steps, initial=step, desc='train', unit='step',
