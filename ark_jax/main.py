@@ -1,12 +1,13 @@
 r"""Command line of ark_jax (DESIGN.md section 2).
 
   python -m ark_jax.main --config=configs/demo.py --workdir=DIR \
-      [--mode=train|eval] [--config.KEY=VALUE ...]
+      [--mode=train|eval|export] [--config.KEY=VALUE ...]
 
 `train` trains (resuming from DIR/checkpoints); `eval` evaluates the newest
-checkpoint of DIR into DIR/eval/step_N.json (predict and export are to come). On TPU pods
-and SLURM, jax.distributed finds its peers itself; --coordinator_address,
---num_processes and --process_id are for anything else.
+checkpoint of DIR into DIR/eval/step_N.json; `export --export_format=ark|timm
+--output=FILE` writes it as PyTorch weights (ark_jax/export.py); `predict` is
+to come. On TPU pods and SLURM, jax.distributed finds its peers itself;
+--coordinator_address, --num_processes and --process_id are for anything else.
 """
 
 from absl import app
@@ -15,14 +16,20 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from ark_jax import export
 from ark_jax import train
 
-MODES = ('train', 'eval')
+MODES = ('train', 'eval', 'export')
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints and metrics go.')
 _MODE = flags.DEFINE_string('mode', 'train', f'What to do: one of {MODES}.')
+_EXPORT_FORMAT = flags.DEFINE_enum('export_format', 'ark', list(export.FORMATS),
+                                   'export: ark (.pth.tar, reference layout) | timm (safetensors).')
+_EXPORT_MODEL = flags.DEFINE_enum('export_model', 'teacher', list(export.MODELS),
+                                  'export, timm format: which backbone.')
+_OUTPUT = flags.DEFINE_string('output', None, 'export: the file to write.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'host:port of process 0 (multi-process only).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the job.')
@@ -44,8 +51,14 @@ def main(argv):
                jax.device_count())
   if _MODE.value == 'train':
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  else:
+  elif _MODE.value == 'eval':
     train.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value)
+  else:
+    if not _OUTPUT.value:
+      raise app.UsageError('--mode=export needs --output=FILE.')
+    path = export.export(_CONFIG.value, _WORKDIR.value, _EXPORT_FORMAT.value, _OUTPUT.value,
+                         _EXPORT_MODEL.value)
+    print(f'Wrote {path}')
 
 
 if __name__ == '__main__':

@@ -512,8 +512,18 @@ def _stop_requested(step: int, every: int) -> bool:
   return bool(np.any(multihost_utils.process_allgather(flag)))
 
 
-def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict[str, Any]:
-  """--mode=eval: the newest (or given) checkpoint of workdir, evaluated and written."""
+def restore_checkpoint(config, workdir: str, step: int | None = None, *, purpose: str):
+  """The newest (or given) checkpoint of workdir, checked against config first.
+
+  Args:
+    config: the run's ConfigDict (its datasets and model must match the checkpoint's).
+    workdir: the run's directory.
+    step: a committed step, or None for the newest.
+    purpose: the flag named in errors ('--mode=eval', ...).
+
+  Returns:
+    (graphdef, TrainState, step, mesh).
+  """
   mesh = sharding.make_mesh(config.mesh)
   check_config(config, mesh.size)
   names = list(config.data.datasets)
@@ -523,7 +533,7 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict[s
   try:
     step = ckpt.latest_step() if step is None else step
     if step is None:
-      raise FileNotFoundError(f'--mode=eval: no checkpoint in {ckpt.directory}.')
+      raise FileNotFoundError(f'{purpose}: no checkpoint in {ckpt.directory}.')
     check_checkpoint_fits(ckpt.read_meta(step).get('config', {}), config,
                           f'The checkpoint {ckpt.directory}/{step}')
     graphdef, abstract, shardings = train_state_lib.abstract_train_state(
@@ -531,6 +541,12 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict[s
     state, _ = ckpt.restore(step, _abstract(abstract, shardings))
   finally:
     ckpt.close()
+  return graphdef, state, step, mesh
+
+
+def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict[str, Any]:
+  """--mode=eval: the newest (or given) checkpoint of workdir, evaluated and written."""
+  graphdef, state, step, mesh = restore_checkpoint(config, workdir, step, purpose='--mode=eval')
   results, scores = evaluate.evaluate(config, graphdef, {'student': state.params,
                                                          'teacher': state.ema_params}, mesh)
   if jax.process_index() == 0:
