@@ -107,6 +107,27 @@ def _describe(config, device: jax.Device, param_count: int) -> dict:
   }
 
 
+def _throughput(times: list[float], batch_size: int, flops_per_image: float, peak: float,
+                peak_kind: str, device: jax.Device) -> dict:
+  """Step times, img/s, FLOP rates and MFU from timed calls, and the peak memory so far."""
+  median = statistics.median(times)
+  achieved = flops_per_image * batch_size / median
+  memory, memory_source = peak_memory_bytes(device)
+  return {
+      'step_time_s_min': min(times),
+      'step_time_s_median': median,
+      'step_time_s_max': max(times),
+      'img_per_s': batch_size / median,
+      'gflops_per_image': flops_per_image / 1e9,
+      'tflops_per_s': achieved / 1e12,
+      'peak_tflops_per_s': peak / 1e12,
+      'peak_matmul': peak_kind,
+      'mfu': achieved / peak,
+      'peak_memory_bytes': memory,
+      'peak_memory_source': memory_source,
+  }
+
+
 def matmul_peak_flops(device: jax.Device, repeats: int = 5) -> tuple[float, str]:
   """Best-of-`repeats` FLOP/s of one square matmul: the roofline MFU is measured against.
 
@@ -191,28 +212,15 @@ def run(config, mode: str = 'forward', steps: int = 20, warmup: int = 3) -> dict
     jax.block_until_ready(compiled(*work.args))
     times.append(time.perf_counter() - start)
 
-  median = statistics.median(times)
-  achieved = work.flops_per_image * config.batch_size / median
   peak_after, peak_kind = matmul_peak_flops(device)
   peak = max(peak_before, peak_after)
-  memory, memory_source = peak_memory_bytes(device)
   return {
       'mode': mode,
       **_describe(config, device, param_count),  # one device: no sharding yet
       'compile_s': compile_s,
       'steps': steps,
       'warmup': warmup,
-      'step_time_s_min': min(times),
-      'step_time_s_median': median,
-      'step_time_s_max': max(times),
-      'img_per_s': config.batch_size / median,
-      'gflops_per_image': work.flops_per_image / 1e9,
-      'tflops_per_s': achieved / 1e12,
-      'peak_tflops_per_s': peak / 1e12,
-      'peak_matmul': peak_kind,
-      'mfu': achieved / peak,
-      'peak_memory_bytes': memory,
-      'peak_memory_source': memory_source,
+      **_throughput(times, config.batch_size, work.flops_per_image, peak, peak_kind, device),
       # XLA's static plan: arguments + outputs + temporaries, what one call needs.
       'program_memory_bytes': _program_bytes(program),
   }
@@ -333,8 +341,6 @@ def run_step(config, steps: int = 20, warmup: int = 3) -> dict:
   split['ema'] = ((full - median['ema']) if config.ema == 'step' else median['ema']) / full
   split['rest'] = 1.0 - split['augment'] - split['teacher'] - (
       split['ema'] if config.ema == 'step' else 0.0)
-  achieved = flops_per_image * config.batch_size / full
-  memory, memory_source = peak_memory_bytes(device)
   return {
       'mode': 'step',
       **_describe(config, device, param_count),
@@ -343,17 +349,7 @@ def run_step(config, steps: int = 20, warmup: int = 3) -> dict:
       'compile_s': variants['full'][2],
       'steps': steps,
       'warmup': warmup,
-      'step_time_s_min': min(times['full']),
-      'step_time_s_median': full,
-      'step_time_s_max': max(times['full']),
-      'img_per_s': config.batch_size / full,
-      'gflops_per_image': flops_per_image / 1e9,
-      'tflops_per_s': achieved / 1e12,
-      'peak_tflops_per_s': peak / 1e12,
-      'peak_matmul': peak_kind,
-      'mfu': achieved / peak,
-      'peak_memory_bytes': memory,
-      'peak_memory_source': memory_source,
+      **_throughput(times['full'], config.batch_size, flops_per_image, peak, peak_kind, device),
       'program_memory_bytes': _program_bytes(variants['full'][1].memory_analysis()),
       'split': split,
       'variant_step_time_s_median': median,
