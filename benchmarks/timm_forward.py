@@ -18,34 +18,14 @@ import time
 
 import timm
 import torch
-from torch import nn
 
-ARK6_NUM_CLASSES = (14, 14, 14, 3, 6, 1)  # configs/common.py, head order
-PROJECTOR_DIM = 1376
-
-
-class ArkTorch(nn.Module):
-  """timm backbone -> projector -> every head, as the Ark reference wires them."""
-
-  def __init__(self, backbone: nn.Module):
-    super().__init__()
-    self.backbone = backbone
-    self.projector = nn.Linear(backbone.num_features, PROJECTOR_DIM)
-    self.heads = nn.ModuleList(nn.Linear(PROJECTOR_DIM, n) for n in ARK6_NUM_CLASSES)
-
-  def forward(self, x):
-    features = self.backbone(x)
-    z = self.projector(features)
-    return features, z, [head(z) for head in self.heads]
+import ark_torch
 
 
 def run(model_name: str, img_size: int, window_size: int | None, batch_size: int, steps: int,
         warmup: int) -> dict:
   """Times the eager forward; returns a flat dict (times in seconds)."""
-  kwargs = {'img_size': img_size}
-  if window_size:
-    kwargs['window_size'] = window_size
-  model = ArkTorch(timm.create_model(model_name, pretrained=False, num_classes=0, **kwargs))
+  model = ark_torch.create(model_name, img_size, window_size)
   model.eval()
   x = torch.randn(batch_size, 3, img_size, img_size)
   times = []
