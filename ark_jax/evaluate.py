@@ -14,6 +14,15 @@ AUC per label with labels lacking a positive (or a negative) left out, the
 over the dataset's evaluation labels (CheXpert: the 5 competition labels);
 argmax accuracy for multi-class sets.
 
+Every AUC reported carries a 95% bootstrap CI (`config.bootstrap_samples`
+resamples of the rows, seeded by `config.bootstrap_seed`; percentile method;
+ark_jax.metrics). Where a dataset's examples carry sex (both F and M present) or
+age (two or more of AGE_BANDS present), each model's entry adds `subgroups`:
+the mean AUC of each group with its CI and n, and the gap between groups with
+the CI of the gap. All CIs of one dataset come from the same resamples of its
+whole eval set, so a subgroup's share of a resample varies as it would between
+samples, and a gap's CI is the bootstrap of the difference itself.
+
 Files (process 0): `eval/step_N.json` (the results) and `eval/step_N_scores.npz`
 (per dataset: labels, mask, student and teacher probabilities, sex and age), from
 which ark_jax.plots draws ROC curves and subgroup analyses are computed.
@@ -45,6 +54,13 @@ EVAL_LABELS = {
     'chexpert': ('Atelectasis', 'Cardiomegaly', 'Consolidation', 'Edema', 'Pleural Effusion'),
 }
 EVAL_FIELDS = ('image', 'dataset_id')
+BOOTSTRAP_SAMPLES = 1000  # default of config.bootstrap_samples (the reference's zero-shot CIs)
+BOOTSTRAP_SEED = 233  # default of config.bootstrap_seed (the same)
+# The pipeline's sex codes (input_pipeline/pipeline.py: 0 unknown, 1 M, 2 F).
+SEX_CODES = (('F', 2), ('M', 1))
+# Age bands in years, [low, high); unknown ages (NaN) belong to none.
+AGE_BANDS = (('<40', 0.0, 40.0), ('40-60', 40.0, 60.0), ('60-80', 60.0, 80.0),
+             ('>=80', 80.0, np.inf))
 
 
 def center_view(image_BxRxR: jax.Array, size: int) -> jax.Array:
@@ -56,13 +72,27 @@ def center_view(image_BxRxR: jax.Array, size: int) -> jax.Array:
   return augment.normalize(image_BxRxR[:, o:o + size, o:o + size].astype(jnp.float32) / 255.0)
 
 
+def _probabilities(logits_XxC: jax.Array, is_multiclass_X: jax.Array,
+                   num_classes_X: jax.Array) -> jax.Array:
+  """Sigmoid, or softmax over the first num_classes; X any leading shape (broadcast)."""
+  classes_XxC = jnp.arange(logits_XxC.shape[-1]).reshape((1,) * (logits_XxC.ndim - 1) + (-1,))
+  real_XxC = classes_XxC < num_classes_X[..., None]
+  softmax_XxC = jax.nn.softmax(jnp.where(real_XxC, logits_XxC, -jnp.inf), axis=-1)
+  return jnp.where(is_multiclass_X[..., None], softmax_XxC, jax.nn.sigmoid(logits_XxC))
+
+
 def head_probabilities(logits_BxC: jax.Array, dataset_id_B: jax.Array,
                        is_multiclass_D: np.ndarray, num_classes_D: np.ndarray) -> jax.Array:
-  """Sigmoid, or softmax over the head's real classes for multi-class sets."""
-  multiclass_B = jnp.asarray(is_multiclass_D)[dataset_id_B]
-  real_BxC = jnp.arange(logits_BxC.shape[-1])[None, :] < jnp.asarray(num_classes_D)[dataset_id_B][:, None]
-  softmax_BxC = jax.nn.softmax(jnp.where(real_BxC, logits_BxC, -jnp.inf), axis=-1)
-  return jnp.where(multiclass_B[:, None], softmax_BxC, jax.nn.sigmoid(logits_BxC))
+  """Each row's own head: sigmoid, or softmax over its real classes for multi-class sets."""
+  return _probabilities(logits_BxC, jnp.asarray(is_multiclass_D)[dataset_id_B],
+                        jnp.asarray(num_classes_D)[dataset_id_B])
+
+
+def all_head_probabilities(logits_BxDxC: jax.Array, is_multiclass_D: np.ndarray,
+                           num_classes_D: np.ndarray) -> jax.Array:
+  """Every head for every row (zero-shot): [B, D, C]; padded classes are not meaningful."""
+  return _probabilities(logits_BxDxC, jnp.asarray(is_multiclass_D)[None],
+                        jnp.asarray(num_classes_D)[None])
 
 
 def make_predict_fn(graphdef, config, mesh, num_classes: Sequence[int],
@@ -144,17 +174,102 @@ def score_dataset(predict, params_by_model: Mapping[str, Any], config, name: str
   return {k: np.concatenate(v) for k, v in chunks.items()}
 
 
+def subgroup_rows(scores: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+  """{'sex': {'F': rows_N, 'M': rows_N}, 'age': {band: rows_N}}: the groups with examples.
+
+  An attribute is left out unless two or more of its groups have examples
+  (a dataset without sex or age, e.g. the demo's, has none).
+  """
+  groups = {}
+  if 'sex' in scores:
+    sex_N = np.asarray(scores['sex'])
+    groups['sex'] = {name: sex_N == code for name, code in SEX_CODES}
+  if 'age' in scores:
+    age_N = np.asarray(scores['age'], np.float64)
+    with np.errstate(invalid='ignore'):  # NaN compares False: in no band
+      groups['age'] = {name: (age_N >= low) & (age_N < high) for name, low, high in AGE_BANDS}
+  groups = {attr: {g: rows for g, rows in by_group.items() if rows.any()}
+            for attr, by_group in groups.items()}
+  return {attr: by_group for attr, by_group in groups.items() if len(by_group) >= 2}
+
+
+def _subgroup_entry(probs_NxC, scores, meta, rows_by_group, attr: str, samples: int,
+                    seed: int) -> dict[str, Any]:
+  """One attribute's groups (auc_mean, auc_mean_ci, n) and the gap between them.
+
+  The gap: sex, auc_mean of M minus that of F; age, the best band's minus the
+  worst band's (picked on the point estimates; the CI is that difference's
+  over the resamples). `of` names the difference.
+  """
+  eval_labels = EVAL_LABELS.get(meta.name)
+  groups, resampled = {}, {}
+  for name, rows_N in rows_by_group.items():
+    auc = metrics.per_label_auc(probs_NxC[rows_N], scores['labels'][rows_N], meta.label_names,
+                                scores['mask'][rows_N])
+    groups[name] = {'auc_mean': metrics.mean_auc(auc, eval_labels)}
+    if samples:
+      auc_RxC = metrics.bootstrap_auc(probs_NxC, scores['labels'], scores['mask'], rows_N,
+                                      num_samples=samples, seed=seed)
+      resampled[name] = metrics.mean_auc_resamples(auc_RxC, meta.label_names, eval_labels)
+      groups[name]['auc_mean_ci'] = metrics.percentile_interval(resampled[name])
+    groups[name]['n'] = int(rows_N.sum())
+  entry = {'groups': groups}
+  defined = [g for g in groups if not np.isnan(groups[g]['auc_mean'])]
+  if attr == 'sex':
+    pair = ('M', 'F') if len(defined) == 2 else None
+  else:
+    pair = (max(defined, key=lambda g: groups[g]['auc_mean']),
+            min(defined, key=lambda g: groups[g]['auc_mean'])) if len(defined) >= 2 else None
+  if pair:
+    high, low = pair
+    entry['gap'] = {'of': f'{high} - {low}',
+                    'value': groups[high]['auc_mean'] - groups[low]['auc_mean']}
+    if samples:
+      entry['gap']['ci'] = metrics.percentile_interval(resampled[high] - resampled[low])
+  return entry
+
+
 def dataset_results(scores: Mapping[str, np.ndarray], meta: datasets.DatasetMetadata,
-                    model_names: Sequence[str]) -> dict[str, Any]:
-  """The JSON entry of one dataset: per model auc, auc_mean, accuracy (multi-class), n."""
+                    model_names: Sequence[str], bootstrap_samples: int = BOOTSTRAP_SAMPLES,
+                    bootstrap_seed: int = BOOTSTRAP_SEED) -> dict[str, Any]:
+  """The JSON entry of one dataset.
+
+  Args:
+    scores: score_dataset's arrays ('sex' and 'age' optional).
+    meta: the dataset's metadata.
+    model_names: the score arrays to evaluate, e.g. ('student', 'teacher').
+    bootstrap_samples: resamples behind the CIs; 0 leaves the CIs out.
+    bootstrap_seed: their seed; every model and subgroup sees the same resamples.
+
+  Returns:
+    {'labels': [...], model: {'auc_mean', 'auc', 'n', 'accuracy' (multi-class),
+    'auc_mean_ci': [lo, hi], 'auc_ci': {label: [lo, hi]}, 'subgroups' (where
+    the examples carry sex or age): {attr: {'groups': {group: {'auc_mean',
+    'auc_mean_ci', 'n'}}, 'gap': {'of': 'A - B', 'value', 'ci'}}}}}. A CI is
+    None where no resample defines it.
+  """
   entry: dict[str, Any] = {'labels': list(meta.label_names)}
+  eval_labels = EVAL_LABELS.get(meta.name)
+  groups = subgroup_rows(scores)
   for model_name in model_names:
     probs_NxC = scores[model_name]
     auc = metrics.per_label_auc(probs_NxC, scores['labels'], meta.label_names, scores['mask'])
-    result = {'auc_mean': metrics.mean_auc(auc, EVAL_LABELS.get(meta.name)), 'auc': auc,
+    result = {'auc_mean': metrics.mean_auc(auc, eval_labels), 'auc': auc,
               'n': int(probs_NxC.shape[0])}
     if meta.task == 'multiclass':
       result['accuracy'] = metrics.accuracy(probs_NxC, scores['labels'])
+    if bootstrap_samples:
+      auc_RxC = metrics.bootstrap_auc(probs_NxC, scores['labels'], scores['mask'],
+                                      num_samples=bootstrap_samples, seed=bootstrap_seed)
+      result['auc_mean_ci'] = metrics.percentile_interval(
+          metrics.mean_auc_resamples(auc_RxC, meta.label_names, eval_labels))
+      result['auc_ci'] = {name: metrics.percentile_interval(auc_RxC[:, c])
+                          for c, name in enumerate(meta.label_names) if name in auc}
+    if groups:
+      result['subgroups'] = {
+          attr: _subgroup_entry(probs_NxC, scores, meta, rows, attr, bootstrap_samples,
+                                bootstrap_seed)
+          for attr, rows in groups.items()}
     entry[model_name] = result
   return entry
 
@@ -164,7 +279,8 @@ def evaluate(config, graphdef, params_by_model: Mapping[str, Any], mesh,
   """Scores every configured dataset with every model.
 
   Args:
-    config: the run's ConfigDict (data section, eval_split, eval_batch_size, ten_crop).
+    config: the run's ConfigDict (data section, eval_split, eval_batch_size, ten_crop,
+      bootstrap_samples, bootstrap_seed).
     graphdef: the ArkModel graphdef.
     params_by_model: e.g. {'student': state.params, 'teacher': state.ema_params}.
     mesh: the run's mesh.
@@ -186,7 +302,10 @@ def evaluate(config, graphdef, params_by_model: Mapping[str, Any], mesh,
   with jax.set_mesh(mesh):
     for name, m in zip(names, meta):
       scores[name] = score_dataset(predict, params_by_model, config, name, mesh, batch_size)
-      results[name] = dataset_results(scores[name], m, list(params_by_model))
+      results[name] = dataset_results(
+          scores[name], m, list(params_by_model),
+          config.get('bootstrap_samples', BOOTSTRAP_SAMPLES),
+          config.get('bootstrap_seed', BOOTSTRAP_SEED))
   return results, scores
 
 
@@ -206,8 +325,13 @@ def write(workdir: str, step: int, results: Mapping[str, Any],
 
 
 def summary_table(results: Mapping[str, Any]) -> str:
-  """A plain-text table: dataset, n, student and teacher mean AUC (and accuracy)."""
-  lines = [f'{"dataset":<24} {"n":>6} {"student AUC":>12} {"teacher AUC":>12}']
+  """A plain-text table: dataset, n, student and teacher mean AUC, the teacher's 95% CI.
+
+  Multi-class sets add their accuracy.
+  """
+  with_ci = any(entry['teacher'].get('auc_mean_ci') for entry in results.values())
+  lines = [f'{"dataset":<24} {"n":>6} {"student AUC":>12} {"teacher AUC":>12}'
+           + (f' {"teacher 95% CI":>18}' if with_ci else '')]
   means = {m: [] for m in MODELS}
   for name, entry in results.items():
     row = f'{name:<24} {entry["teacher"]["n"]:>6}'
@@ -215,6 +339,9 @@ def summary_table(results: Mapping[str, Any]) -> str:
       value = entry[m]['auc_mean']
       means[m].append(value)
       row += f' {value:>12.4f}'
+    if with_ci:
+      ci = entry['teacher'].get('auc_mean_ci')
+      row += f' {"[{:.4f}, {:.4f}]".format(*ci) if ci else "":>18}'
     if 'accuracy' in entry['teacher']:
       row += f'   (accuracy: student {entry["student"]["accuracy"]:.4f}, ' \
              f'teacher {entry["teacher"]["accuracy"]:.4f})'

@@ -81,8 +81,21 @@ def read_state_dict(path: str, key: str | None = None) -> dict[str, np.ndarray]:
   try:
     checkpoint = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... by version
-    raise ValueError(f'{path}: not loadable as a weights-only PyTorch checkpoint ({e}). '
-                     'Files whose pickle would execute code are refused.') from e
+    message = str(e)
+    # A pickle naming a class or function (not a tensor or container) would run
+    # its code on a full unpickle; torch refused it and nothing was executed.
+    found = re.search(r'unsupported global:? (?:GLOBAL )?(\S+)', message, re.IGNORECASE)
+    if found:
+      raise ValueError(
+          f'{path}: refused for safety: the pickle names {found[1]}, not only tensors, and a '
+          'full unpickle would execute it. Nothing was executed. Re-save the weights as a '
+          'plain state dict (torch.save(model.state_dict(), ...)) or as .safetensors.') from e
+    detail = re.search(r'WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)',
+                       message, re.S)
+    detail = ' '.join((detail[1] if detail else message).split())[:200]
+    raise ValueError(f'{path}: not a PyTorch checkpoint that weights-only loading accepts '
+                     f'(torch.load(weights_only=True): {type(e).__name__}: {detail}). Nothing '
+                     'in it was executed.') from e
   if not isinstance(checkpoint, Mapping):
     raise ValueError(f'{path}: expected a dict of tensors, got {type(checkpoint).__name__}.')
   candidates = [key] if key else ['teacher', 'state_dict', 'model']
@@ -305,7 +318,8 @@ def ark_state_dict(model: ark.ArkModel, layout: str = 'ark') -> dict[str, np.nda
   Backbone keys follow `layout` ('ark': timm 0.5.4 with buffers and the unused
   1000-way ImageNet `head` the reference model carries, zero-filled; 'timm':
   current timm), then `projector.*` and `omni_heads.k.{weight [n_k, P], bias}`,
-  unpadded to each dataset's class count.
+  unpadded to each dataset's class count. A consolidated head is written as the
+  per-dataset heads it is equivalent to.
   """
   sd = backbone_state_dict(model.backbone, layout)
   if layout == 'ark':
@@ -317,8 +331,15 @@ def ark_state_dict(model: ark.ArkModel, layout: str = 'ark') -> dict[str, np.nda
   for path, var in nnx.to_flat_state(projector_state):
     name, value = _to_torch_array(('projector',) + path, np.array(var.get_value()))
     sd[rename(name)] = value
-  kernel_DxPxC = np.asarray(model.heads.kernel.get_value())
-  bias_DxC = np.asarray(model.heads.bias.get_value())
+  if model.head is not None:
+    # A consolidated head as the per-dataset heads it acts as: each dataset's
+    # columns of the union (shared labels copied into every head that has them).
+    index_DxC = np.asarray(model.union_index)
+    kernel_DxPxC = np.asarray(model.head.kernel.get_value())[:, index_DxC].transpose(1, 0, 2)
+    bias_DxC = np.asarray(model.head.bias.get_value())[index_DxC]
+  else:
+    kernel_DxPxC = np.asarray(model.heads.kernel.get_value())
+    bias_DxC = np.asarray(model.heads.bias.get_value())
   for k, n in enumerate(model.num_classes):
     sd[f'omni_heads.{k}.weight'] = kernel_DxPxC[k, :, :n].T.copy()
     sd[f'omni_heads.{k}.bias'] = bias_DxC[k, :n].copy()

@@ -1,13 +1,17 @@
 r"""Command line of ark_jax (DESIGN.md section 2).
 
   python -m ark_jax.main --config=configs/demo.py --workdir=DIR \
-      [--mode=train|eval|export] [--config.KEY=VALUE ...]
+      [--mode=train|eval|predict|export] [--config.KEY=VALUE ...]
 
 `train` trains (resuming from DIR/checkpoints); `eval` evaluates the newest
-checkpoint of DIR into DIR/eval/step_N.json; `export --export_format=ark|timm
---output=FILE` writes it as PyTorch weights (ark_jax/export.py); `predict` is
-to come. On TPU pods and SLURM, jax.distributed finds its peers itself;
---coordinator_address, --num_processes and --process_id are for anything else.
+checkpoint of DIR into DIR/eval/step_N.json; `predict --images=GLOB
+--output=FILE.csv` writes the teacher's probabilities for every head on every
+image (ark_jax/predict.py); `export --export_format=ark|timm --output=FILE`
+writes it as PyTorch weights (ark_jax/export.py). A config with a `finetune`
+section (configs/finetune_*.py) makes `train` fine-tune or probe instead
+(ark_jax/finetune.py). On TPU pods and SLURM,
+jax.distributed finds its peers itself; --coordinator_address, --num_processes
+and --process_id are for anything else.
 """
 
 from absl import app
@@ -17,9 +21,11 @@ import jax
 from ml_collections import config_flags
 
 from ark_jax import export
+from ark_jax import finetune
+from ark_jax import predict
 from ark_jax import train
 
-MODES = ('train', 'eval', 'export')
+MODES = ('train', 'eval', 'predict', 'export')
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
@@ -29,7 +35,9 @@ _EXPORT_FORMAT = flags.DEFINE_enum('export_format', 'ark', list(export.FORMATS),
                                    'export: ark (.pth.tar, reference layout) | timm (safetensors).')
 _EXPORT_MODEL = flags.DEFINE_enum('export_model', 'teacher', list(export.MODELS),
                                   'export, timm format: which backbone.')
-_OUTPUT = flags.DEFINE_string('output', None, 'export: the file to write.')
+_OUTPUT = flags.DEFINE_string('output', None, 'export, predict: the file to write.')
+_IMAGES = flags.DEFINE_string('images', None,
+                              "predict: a glob of image files ('**' recurses; quote it).")
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'host:port of process 0 (multi-process only).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the job.')
@@ -49,10 +57,19 @@ def main(argv):
     jax.distributed.initialize(**given)
   logging.info('JAX process %d of %d, %d devices', jax.process_index(), jax.process_count(),
                jax.device_count())
-  if _MODE.value == 'train':
+  if _MODE.value == 'train' and 'finetune' in _CONFIG.value:
+    # A config with a `finetune` section (configs/finetune_*.py) fine-tunes or probes.
+    finetune.run(_CONFIG.value, _WORKDIR.value)
+  elif _MODE.value == 'train':
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   elif _MODE.value == 'eval':
     train.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value)
+  elif _MODE.value == 'predict':
+    if not _IMAGES.value or not _OUTPUT.value:
+      raise app.UsageError('--mode=predict needs --images=GLOB and --output=FILE.csv.')
+    path = predict.predict(_CONFIG.value, _WORKDIR.value, _IMAGES.value, _OUTPUT.value)
+    if jax.process_index() == 0:  # the one that wrote it
+      print(f'Wrote {path}')
   else:
     if not _OUTPUT.value:
       raise app.UsageError('--mode=export needs --output=FILE.')

@@ -3,7 +3,8 @@
 Each eval writes `step_N.json` ({"step": N, "results": {dataset: {model:
 {"auc_mean", "auc", "n", ...}, "labels": [...]}}}) and `step_N_scores.npz`
 (per dataset d: `d/labels`, `d/mask`, `d/teacher`, `d/student`, all [N, C]).
-These functions only read those files, so they run on a laptop after the fact.
+These functions only read those files (plot_subgroup_auc: the results they
+hold), so they run on a laptop after the fact.
 
 Shape suffixes: N examples, C labels of a dataset.
 """
@@ -165,3 +166,81 @@ def plot_roc_curves(workdir: str, step: int | None = None) -> str:
   fig.savefig(out, dpi=100, bbox_inches='tight')
   plt.close(fig)
   return out
+
+
+def subgroup_points(results) -> dict[str, list[tuple[str, str, str, float, list | None]]]:
+  """The points plot_subgroup_auc draws, read straight from an eval's `results`.
+
+  Returns:
+    Per dataset with subgroups, one (model, attribute, group, auc_mean,
+    auc_mean_ci or None) per model and group.
+  """
+  points = {}
+  for dataset, by_model in results.items():
+    for model, _ in MODELS:
+      for attr, entry in by_model.get(model, {}).get('subgroups', {}).items():
+        for group, values in entry['groups'].items():
+          points.setdefault(dataset, []).append(
+              (model, attr, group, values['auc_mean'], values.get('auc_mean_ci')))
+  return points
+
+
+def _gap_lines(by_model) -> str:
+  """The teacher's gaps, a line each: 'teacher, sex gap M - F: -0.031 [-0.062, +0.001]'."""
+  lines = []
+  for attr, entry in by_model.get('teacher', {}).get('subgroups', {}).items():
+    gap = entry.get('gap')
+    if gap:
+      ci = gap.get('ci')
+      lines.append(f'teacher, {attr} gap {gap["of"]}: {gap["value"]:+.3f}'
+                   + (f' [{ci[0]:+.3f}, {ci[1]:+.3f}]' if ci else ''))
+  return '\n'.join(lines)
+
+
+def plot_subgroup_auc(results, path: str) -> str | None:
+  """Mean AUC per subgroup (sex, age band) with its 95% CI, one subplot per dataset.
+
+  Teacher circles, student squares; the dotted line is the teacher's mean AUC
+  over the whole set; the subtitle gives the teacher's gaps with their CIs.
+
+  Args:
+    results: an eval's results ({dataset: {model: {..., 'subgroups': ...}}}, as
+      evaluate.dataset_results writes them).
+    path: the PNG to write, e.g. eval/subgroups_step_N.png.
+
+  Returns:
+    path, or None (nothing written) when no dataset has subgroups.
+  """
+  points = subgroup_points(results)
+  if not points:
+    return None
+  cols = min(len(points), 3)
+  rows = -(-len(points) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4.5 * rows), squeeze=False)
+  for ax, (dataset, dataset_points) in zip(axes.flat, points.items()):
+    groups = list(dict.fromkeys((attr, group) for _, attr, group, _, _ in dataset_points))
+    for m, (model, _) in enumerate(MODELS):
+      mine = [p for p in dataset_points if p[0] == model]
+      if not mine:
+        continue
+      x = [groups.index((attr, group)) + (m - 0.5) * 0.2 for _, attr, group, _, _ in mine]
+      y = [auc_mean for _, _, _, auc_mean, _ in mine]
+      # NaN-free error bars: a group without a CI gets none.
+      err = np.array([[a - ci[0], ci[1] - a] if ci else [0.0, 0.0]
+                      for _, _, _, a, ci in mine]).T
+      ax.errorbar(x, y, yerr=err, fmt='o' if model == 'teacher' else 's', capsize=3,
+                  markersize=5, label=model)
+    overall = results[dataset].get('teacher', {}).get('auc_mean')
+    if overall is not None:
+      ax.axhline(overall, linestyle=':', color='grey', linewidth=0.8)
+    ax.set_xticks(range(len(groups)), [f'{group}\n({attr})' for attr, group in groups],
+                  fontsize='small')
+    ax.set_ylabel('mean AUC of the subgroup (95% CI)')
+    ax.set_title('\n'.join([dataset, _gap_lines(results[dataset])]).strip(), fontsize='small')
+    ax.grid(alpha=0.3, axis='y')
+    ax.legend(fontsize='x-small', loc='best')
+  for ax in axes.flat[len(points):]:
+    ax.axis('off')
+  fig.savefig(path, dpi=100, bbox_inches='tight')
+  plt.close(fig)
+  return path

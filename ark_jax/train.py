@@ -17,7 +17,7 @@ Around it: evaluation (ark_jax/evaluate.py) every eval_every_steps and at the
 end, TensorBoard scalars, a progress bar, SIGTERM -> checkpoint and return.
 """
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 import json
 import os
 import signal
@@ -99,6 +99,7 @@ def make_train_step(graphdef, config, num_classes, is_multiclass, *,
   crop_scale = tuple(config.get('augment', {}).get('crop_scale', augment.CROP_SCALE))
   if unknown := set(skip) - {'augment', 'teacher', 'ema'}:
     raise ValueError(f'make_train_step: unknown parts to skip {sorted(unknown)}.')
+  consistency_scale = float(config.get('consistency_scale', 1.0))
 
   def teacher_forward(ema_params, x):
     teacher = nnx.merge(graphdef, jax.lax.stop_gradient(ema_params))
@@ -113,7 +114,8 @@ def make_train_step(graphdef, config, num_classes, is_multiclass, *,
       view_rng, drop_rng = jax.random.split(rng)
       k = batch['pass_index'][0] if config.ema == 'pass' else state.step
       momentum = schedules.ema_momentum(k, total)
-      c = schedules.consistency_weight(momentum)
+      # consistency_scale = 0 is the ablation without the teacher's term.
+      c = consistency_scale * schedules.consistency_weight(momentum)
       valid = batch['valid']
 
       x_t = augment.teacher_view(batch['image'], size)
@@ -279,9 +281,23 @@ def resolve_schedule(config, steps_per_epoch: int, num_steps: int):
   return config
 
 
+def check_head_labels(config, meta: Sequence[datasets.DatasetMetadata]) -> None:
+  """A consolidated head's `config.model.head_labels` must name each dataset's labels."""
+  head_labels = config.model.get('head_labels')
+  if head_labels is None:
+    return
+  if len(head_labels) != len(meta):
+    raise ValueError(f'config.model.head_labels names {len(head_labels)} label sets for '
+                     f'{len(meta)} datasets {[m.name for m in meta]}.')
+  for d, (names, m) in enumerate(zip(head_labels, meta)):
+    if tuple(names) != tuple(m.label_names):
+      raise ValueError(f'config.model.head_labels[{d}]={tuple(names)} but dataset {m.name!r} '
+                       f'has labels {tuple(m.label_names)}.')
+
+
 # Model keys that change parameter shapes: a checkpoint must agree on them.
 _SHAPE_KEYS = ('name', 'variant', 'img_size', 'window_size', 'patch_size', 'embed_dim', 'depths',
-               'depth', 'num_heads', 'dims', 'projector_dim', 'projector_mlp')
+               'depth', 'num_heads', 'dims', 'projector_dim', 'projector_mlp', 'head_labels')
 
 
 def check_checkpoint_fits(saved_config: Mapping[str, Any], config, where: str,
@@ -305,12 +321,17 @@ def check_checkpoint_fits(saved_config: Mapping[str, Any], config, where: str,
   for key in _SHAPE_KEYS:
     if named and key in registry.CUSTOM_SIZE_KEYS:
       continue  # a named variant fixes these (registry.create_model ignores them)
-    mine, theirs = config.model.get(key), saved_model.get(key)
-    if isinstance(mine, (list, tuple)) or isinstance(theirs, (list, tuple)):
-      mine, theirs = tuple(mine or ()), tuple(theirs or ())
+    mine, theirs = _tuples(config.model.get(key)), _tuples(saved_model.get(key))
     if key in saved_model and mine != theirs:
       raise ValueError(f'{where} was trained with model.{key}={theirs!r}, the config has '
                        f'model.{key}={mine!r}.')
+
+
+def _tuples(value):
+  """Lists (as a config reads back from JSON) as tuples, recursively."""
+  if isinstance(value, (list, tuple)):
+    return tuple(_tuples(v) for v in value)
+  return value
 
 
 def _init_source(config) -> tuple[str, str] | None:
@@ -390,6 +411,7 @@ def train_and_evaluate(config, workdir: str):
   if num_classes != tuple(m.num_classes for m in meta):
     raise ValueError(f'config.data.num_classes={num_classes} but the datasets {names} have '
                      f'{tuple(m.num_classes for m in meta)} classes.')
+  check_head_labels(config, meta)
   is_multiclass = [m.task == 'multiclass' for m in meta]
   steps_per_epoch = pipeline.steps_per_epoch(config.data, config.batch_size)
   num_steps = config.num_epochs * steps_per_epoch
@@ -496,6 +518,7 @@ def train_and_evaluate(config, workdir: str):
     if is_main:
       plots.plot_auc_history(workdir)
       plots.plot_roc_curves(workdir, step)
+      plots.plot_subgroup_auc(results, os.path.join(workdir, 'eval', f'subgroups_step_{step}.png'))
       print(f'Evaluation at step {step} ({config.get("eval_split", "test")} split, mean AUC):\n'
             + evaluate.summary_table(results), flush=True)
   writer.close()
@@ -553,6 +576,7 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict[s
     evaluate.write(workdir, step, results, scores)
     plots.plot_auc_history(workdir)
     plots.plot_roc_curves(workdir, step)
+    plots.plot_subgroup_auc(results, os.path.join(workdir, 'eval', f'subgroups_step_{step}.png'))
     print(f'Evaluation of step {step} ({config.get("eval_split", "test")} split, mean AUC):\n'
           + evaluate.summary_table(results), flush=True)
   return results

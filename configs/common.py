@@ -50,6 +50,9 @@ def model_config(name: str = 'swin_base', img_size: int = 224,
   c.drop_path_rate = 0.1  # stochastic depth at the last block (timm's Swin default)
   c.projector_dim = 1376  # P, the embedding the consistency loss compares
   c.projector_mlp = False  # Linear-ReLU-Linear projector (reference --use_mlp)
+  # Per dataset, its label names: ONE head over their union instead of one per
+  # dataset (the MedIA label-consolidation ablation); None = per-dataset heads.
+  c.head_labels = ml_collections.config_dict.placeholder(tuple)
   c.remat = False  # rematerialise each block in the backward (memory for 768 px)
   c.dtype = 'float32'  # computation dtype; 'bfloat16' on GPU/TPU (params stay f32)
   return c
@@ -143,7 +146,10 @@ def ark_config(model: ml_collections.ConfigDict, datasets, num_classes, *, batch
   c.eval_split = 'test'  # split the periodic evaluation reads
   c.eval_batch_size = max(1, batch_size // 2)  # global; the reference tests at B/2
   c.ten_crop = False  # test-time TenCrop(S) of the R image (the reference: on)
+  c.bootstrap_samples = 1000  # resamples behind each eval AUC's 95% CI; 0 = no CIs
+  c.bootstrap_seed = 233  # their seed (the reference's zero-shot CIs: 1000, 233)
   c.progress_bar = True  # tqdm on stderr (process 0)
+  c.consistency_scale = 1.0  # multiplies c; 0 = the ablation without the teacher's term
   c.teacher_init = 'independent'  # built separately, as the reference | 'copy' of the student
   c.ema = 'pass'  # one EMA update per dataset pass, momentum indexed by the pass
 
@@ -165,6 +171,7 @@ def shrink_for_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   model = smoke_model_config(64)
   model.projector_mlp = c.model.projector_mlp
   model.remat = c.model.remat
+  model.head_labels = c.model.head_labels
   model.dtype = c.model.dtype
   c.model = model
   c.batch_size = 8

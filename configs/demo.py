@@ -53,7 +53,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval_split = 'test'  # the split evaluate.py scores (demo: 1000 images per dataset)
   c.eval_batch_size = 64  # global; divisible by the device count
   c.ten_crop = False  # the reference's test view (10 crops, probabilities averaged)
+  c.bootstrap_samples = 1000  # resamples behind each eval AUC's 95% CI; 0 = no CIs
+  c.bootstrap_seed = 233  # their seed (the reference's zero-shot CIs: 1000, 233)
   c.progress_bar = True  # tqdm on stderr (process 0)
+  # Multiplies the consistency weight c of (1 - c) * task + c * consistency;
+  # 0 is the ablation without the teacher's term (the teacher still trains).
+  c.consistency_scale = 1.0
   c.teacher_init = 'independent'  # 'independent' (the reference) | 'copy' of the student
   # 'pass': one EMA update per dataset pass, momentum indexed by the pass (the
   # reference); 'step': one per optimizer step, indexed by the step.

@@ -190,6 +190,25 @@ class EpochShuffle(grain.MapDataset):
     return self._parent[int(self._perm(epoch)[j])]
 
 
+class Subset(grain.MapDataset):
+  """Element j is the parent's element indices[j] (few-shot training sets)."""
+
+  def __init__(self, parent: grain.MapDataset, indices):
+    super().__init__(parent)
+    self._indices = np.asarray(indices, np.int64)
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __str__(self) -> str:
+    return f'Subset({len(self._indices)} of {len(self._parent)})'
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[int(self._indices[index])]
+
+
 class PassSchedule(grain.MapDataset):
   """The cyclic stream: whole passes over each dataset in turn, padded.
 
@@ -330,7 +349,7 @@ def _to_iterator(batches: grain.MapDataset, config_data) -> grain.DatasetIterato
 
 def train_batches(config_data: ml_collections.ConfigDict, global_batch_size: int, seed: int,
                   process_index: int | None = None, process_count: int | None = None,
-                  num_epochs: int | None = None) -> grain.MapDataset:
+                  num_epochs: int | None = None, subsets=None) -> grain.MapDataset:
   """The training batches as a Grain MapDataset (see train_iterator)."""
   process_index, process_count = _process(process_index, process_count)
   schedule = config_data.get('schedule', 'cyclic')
@@ -339,6 +358,11 @@ def train_batches(config_data: ml_collections.ConfigDict, global_batch_size: int
   width = num_classes_max(config_data)
   names = list(config_data.datasets)
   examples = [_examples(config_data, n, 'train', seed, width) for n in names]
+  subsets = subsets or {}
+  if unknown := set(subsets) - set(names):
+    raise ValueError(f'subsets names {sorted(unknown)}, which are not among {names}.')
+  # A subset keeps each example's split index (the LSR draws are per example).
+  examples = [Subset(ds, subsets[n]) if n in subsets else ds for ds, n in zip(examples, names)]
   sizes = [len(ds) for ds in examples]
   # Far-apart seeds per dataset: no two (dataset, epoch) passes share an order.
   shuffled = [EpochShuffle(ds, labels_lib.dataset_seed(seed, n)) for ds, n in zip(examples, names)]
@@ -360,7 +384,7 @@ def train_batches(config_data: ml_collections.ConfigDict, global_batch_size: int
 
 def train_iterator(config_data: ml_collections.ConfigDict, global_batch_size: int, seed: int,
                    process_index: int | None = None, process_count: int | None = None,
-                   num_epochs: int | None = None) -> grain.DatasetIterator:
+                   num_epochs: int | None = None, subsets=None) -> grain.DatasetIterator:
   """The training stream of host batches (see the module docstring).
 
   Args:
@@ -375,13 +399,16 @@ def train_iterator(config_data: ml_collections.ConfigDict, global_batch_size: in
     process_count: how many processes read (default jax.process_count()).
     num_epochs: stop after this many epochs; None = never. (Mixed: an epoch
       is as many examples as all datasets hold.)
+    subsets: optional {dataset name: indices into its train split}: train on
+      those examples only (few-shot fine-tuning); a pass is then one pass over
+      the subset.
 
   Returns:
     A Grain iterator of per-process batches (global batch / process count
     rows) with get_state() / set_state(); close() it when done.
   """
   return _to_iterator(train_batches(config_data, global_batch_size, seed, process_index,
-                                    process_count, num_epochs), config_data)
+                                    process_count, num_epochs, subsets), config_data)
 
 
 @dataclasses.dataclass(frozen=True)

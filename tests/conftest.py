@@ -66,3 +66,15 @@ def tiny_demo_config(data_dir, **overrides):
       'clip_grad_norm': 0.0})
   c.update_from_flattened_dict(overrides)  # 'optimizer.lr'-style keys
   return c
+
+
+@pytest.fixture(scope='session')
+def trained(demo_data_dir, tmp_path_factory):
+  """A 3-step tiny demo run shared by the export and predict tests (one training):
+  (config, workdir, graphdef, final state). Tests copy the config to change it."""
+  from ark_jax import train  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp('trained_run'))
+  config = tiny_demo_config(demo_data_dir, max_steps=3)
+  state = train.train_and_evaluate(config, workdir)
+  graphdef = train.restore_checkpoint(config, workdir, purpose='test')[0]
+  return config, workdir, graphdef, jax.device_get(state)

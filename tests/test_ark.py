@@ -100,3 +100,44 @@ def test_bad_head_sizes_and_model_name():
   config.model.name = 'resnet'
   with pytest.raises(ValueError, match="config.model.name='resnet' is unknown"):
     registry.create_model(config.model, (3,), rngs=nnx.Rngs(0))
+
+
+DEMO_LABELS = (('tshirt_top', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt',
+                'sneaker', 'bag', 'ankle_boot'),
+               ('tshirt_top', 'trouser', 'pullover', 'sneaker', 'bag'),
+               ('shirt',), ('one', 'two', 'three_or_four'))
+
+
+def test_union_head_index_matches_labels_by_name():
+  union, index_DxC = ark.union_head_index(DEMO_LABELS, (10, 5, 1, 3))
+  assert len(union) == 13  # the 10 items + the 3 counts; shared names counted once
+  for names, row in zip(DEMO_LABELS, index_DxC):
+    assert [union[i] for i in row[:len(names)]] == list(names)
+  with pytest.raises(ValueError, match=r'head_labels\[2\] has 1 names, its head 2 classes'):
+    ark.union_head_index(DEMO_LABELS, (10, 5, 2, 3))
+
+
+def test_consolidated_head_shares_one_output_per_label_name():
+  config = ark6.get_config('smoke')
+  config.model.head_labels = DEMO_LABELS
+  model = registry.materialize(
+      lambda: registry.create_model(config.model, (10, 5, 1, 3), rngs=nnx.Rngs(0)))
+  assert model.heads is None and model.head.kernel[...].shape == (64, 13)
+  out = model(jax.random.normal(jax.random.key(1), (3, 64, 64, 3)))
+  logits_BxDxC = np.asarray(out['logits'])
+  want_BxU = np.asarray(out['z'], np.float64) @ np.asarray(model.head.kernel[...], np.float64) \
+      + np.asarray(model.head.bias[...], np.float64)
+  shirt, bag = 6, 8
+  # 'shirt' of demo_multilabel and of demo_binary are the same output; 'bag' too.
+  np.testing.assert_allclose(logits_BxDxC[:, 0, shirt], want_BxU[:, shirt], rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(logits_BxDxC[:, 2, 0], logits_BxDxC[:, 0, shirt])
+  np.testing.assert_array_equal(logits_BxDxC[:, 1, 4], logits_BxDxC[:, 0, bag])
+  np.testing.assert_allclose(logits_BxDxC[:, 3, :3], want_BxU[:, 10:13], rtol=1e-4, atol=1e-5)
+  assert np.all(logits_BxDxC[:, 2, 1:] == ark.PADDED_LOGIT)
+  # Exported as the per-dataset heads it acts as (the reference layout has no union head).
+  from ark_jax import interop  # pylint: disable=g-import-not-at-top
+  sd = interop.ark_state_dict(model, 'ark')
+  kernel_PxU = np.asarray(model.head.kernel[...])
+  np.testing.assert_array_equal(sd['omni_heads.2.weight'], kernel_PxU[:, [shirt]].T)
+  np.testing.assert_array_equal(sd['omni_heads.1.weight'], kernel_PxU[:, [0, 1, 2, 7, 8]].T)
+  np.testing.assert_array_equal(sd['omni_heads.3.bias'], np.asarray(model.head.bias[...])[10:])

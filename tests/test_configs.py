@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from ark_jax import finetune
 from ark_jax import train
 from ark_jax.models import registry
 from configs import common
@@ -24,8 +25,12 @@ from input_pipeline import datasets
 from input_pipeline import labels
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
-STEMS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIG_DIR, '*.py'))
-               if not os.path.basename(p).startswith('_') and not p.endswith('common.py'))
+# 'demo', ..., and 'ablations/heads', ... (configs/ablations/base.py is their shared base).
+STEMS = sorted(os.path.relpath(p, CONFIG_DIR)[:-3]
+               for p in glob.glob(os.path.join(CONFIG_DIR, '*.py'))
+               + glob.glob(os.path.join(CONFIG_DIR, 'ablations', '*.py'))
+               if not os.path.basename(p).startswith('_')
+               and os.path.basename(p) not in ('common.py', 'base.py'))
 # Keys the trainer, scripts and tests read from every run config (DESIGN.md section 2),
 # beyond the ones configs/demo.py has.
 RUN_KEYS = ('eval_every_steps', 'eval_split', 'eval_batch_size', 'ten_crop', 'init.from_pytorch',
@@ -33,7 +38,7 @@ RUN_KEYS = ('eval_every_steps', 'eval_split', 'eval_batch_size', 'ten_crop', 'in
 
 
 def _module(stem):
-  return importlib.import_module(f'configs.{stem}')
+  return importlib.import_module(f'configs.{stem.replace("/", ".")}')
 
 
 def _documented_args(stem):
@@ -41,9 +46,17 @@ def _documented_args(stem):
   return [None] + sorted(set(re.findall(rf'configs/{stem}\.py:([\w,.]+)', doc)))
 
 
-CASES = [(stem, arg) for stem in STEMS for arg in _documented_args(stem)]
+def _is_finetune(stem):
+  return 'finetune' in _module(stem).get_config()
+
+
+# Fine-tuning configs (a `finetune` section) are checked by finetune.check_config.
+FINETUNE_CASES = [(stem, arg) for stem in STEMS if _is_finetune(stem)
+                  for arg in _documented_args(stem)]
+CASES = [(stem, arg) for stem in STEMS if not _is_finetune(stem) for arg in _documented_args(stem)]
 CASE_IDS = [f'{stem}:{arg}' for stem, arg in CASES]
-SMOKE_STEMS = [stem for stem in STEMS if 'smoke' in _documented_args(stem)]
+SMOKE_STEMS = [stem for stem, _ in CASES if 'smoke' in _documented_args(stem)]
+SMOKE_STEMS = sorted(set(SMOKE_STEMS))
 
 
 def _flat(c, prefix=''):
@@ -76,6 +89,9 @@ def test_the_glob_finds_the_published_recipes():
                'arkplus5_swin_large_768'):
     assert stem in STEMS
   assert ('ark6_swin_base_224', 'smoke') in CASES and ('demo', 'mixed') in CASES
+  for stem, arg in (('ablations/heads', 'consolidated'), ('ablations/consistency', 'c0'),
+                    ('ablations/schedule', 'mixed'), ('ablations/single_vs_ark', 'single')):
+    assert (stem, arg) in CASES
 
 
 @pytest.mark.parametrize('stem,arg', CASES, ids=CASE_IDS)
@@ -100,6 +116,41 @@ def test_config_loads_and_passes_the_trainer_checks(stem, arg, demo_flat):
       assert type(flat[key]) is type(value), (key, flat[key], value)
   for key in RUN_KEYS:
     assert key in flat, f'{stem}:{arg} lacks {key}'
+
+
+def test_the_glob_finds_the_finetune_configs_and_their_variants():
+  assert ('finetune_demo', 'linear_probe') in FINETUNE_CASES
+  assert ('finetune_demo', 'frozen') in FINETUNE_CASES
+  assert ('finetune_ark6', 'rsna_pneumonia') in FINETUNE_CASES
+
+
+# Keys of configs/finetune_demo.py that every fine-tuning config has, with their types.
+@pytest.mark.parametrize('stem,arg', FINETUNE_CASES, ids=[f'{s}:{a}' for s, a in FINETUNE_CASES])
+def test_finetune_config_loads_and_passes_the_checks(stem, arg):
+  config = _module(stem).get_config(arg)
+  finetune.check_config(config, 8 if config.batch_size % 8 == 0 else 2)
+  assert config.finetune.mode in finetune.MODES
+  assert datasets.metadata(config.finetune.dataset).num_classes >= 1
+  assert set(config.data.get('label_policies') or {}) <= {config.finetune.dataset, 'demo_subset'}
+  for name, policy in (config.data.get('label_policies') or {}).items():
+    labels.policy_for(name, {name: policy})
+  reference = _flat(_module('finetune_demo').get_config())
+  flat = _flat(config)
+  for key, value in reference.items():
+    assert key in flat, f'{stem}:{arg} lacks {key}'
+    if value is not None and flat[key] is not None:
+      assert type(flat[key]) is type(value), (key, flat[key], value)
+  registry.backbone_config(config.model.name, config.model.variant)  # a known model
+
+
+def test_finetune_ark6_is_the_reference_recipe():
+  c = _module('finetune_ark6').get_config('rsna_pneumonia')
+  assert c.finetune.dataset == 'rsna_pneumonia' and c.finetune.mode == 'full'
+  o = c.optimizer
+  assert (o.name, o.lr, o.momentum, o.weight_decay) == ('sgd', 0.01, 0.9, 0.0)
+  assert (c.batch_size, c.patience, c.max_epochs, c.ten_crop) == (64, 10, 200, True)
+  assert (c.model.variant, c.model.img_size, c.model.projector_dim) == ('base', 224, 1376)
+  assert c.init.from_pytorch is None and c.init.from_checkpoint is None
 
 
 def test_ark6_is_the_published_recipe():
@@ -230,3 +281,23 @@ def test_smoke_model_shapes(stem):
   assert out['z'].shape == (2, config.model.projector_dim)
   assert out['logits'].shape == (2, len(config.data.datasets), max(config.data.num_classes))
   assert np.dtype(out['logits'].dtype) == np.float32
+
+
+def test_ablations_change_one_thing_each():
+  base = _flat(_module('ablations/heads').get_config('per_dataset'))
+  # The per-dataset, with-teacher and cyclic rows are one run (scripts/ablations.py).
+  for stem, arg in (('ablations/consistency', 'with_teacher'), ('ablations/schedule', 'cyclic')):
+    assert _flat(_module(stem).get_config(arg)) == base
+  for stem, arg, changed in (
+      ('ablations/heads', 'consolidated', {'model.head_labels'}),
+      ('ablations/consistency', 'c0', {'consistency_scale'}),
+      ('ablations/schedule', 'mixed', {'data.schedule', 'ema'}),
+      ('ablations/single_vs_ark', 'ark', {'data.datasets', 'data.num_classes'})):
+    flat = _flat(_module(stem).get_config(arg))
+    assert {k for k in base if flat[k] != base[k]} == changed, (stem, arg)
+  # demo_binary, the fine-tuning target of ablation (a), is in no pretraining set.
+  for arg in ('single', 'ark'):
+    assert 'demo_binary' not in _module('ablations/single_vs_ark').get_config(arg).data.datasets
+  consolidated = _module('ablations/heads').get_config('consolidated')
+  for names, name in zip(consolidated.model.head_labels, consolidated.data.datasets):
+    assert tuple(names) == datasets.metadata(name).label_names

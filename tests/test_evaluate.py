@@ -64,6 +64,100 @@ def test_dataset_results_equal_sklearn_and_use_chexperts_five_labels():
   assert teacher['n'] == n and 'accuracy' not in teacher and entry['labels'] == list(meta.label_names)
 
 
+def _scores_with_signal(signal_N, seed, n_labels=14):
+  """NIH-like scores whose positives rank higher by signal_N[i] (probit units) in row i."""
+  rng = np.random.default_rng(seed)
+  n = signal_N.shape[0]
+  labels_NxC = (rng.random((n, n_labels)) < 0.3).astype(np.float32)
+  probs_NxC = 1 / (1 + np.exp(-(rng.normal(size=(n, n_labels)) + signal_N[:, None] * labels_NxC)))
+  return {'labels': labels_NxC, 'mask': np.ones_like(labels_NxC), 'teacher': probs_NxC,
+          'student': probs_NxC / 2}  # exactly the same ranking: the same AUCs
+
+
+def test_dataset_results_sex_subgroups_gap_and_cis():
+  meta = datasets.metadata('chestxray14')
+  sex_N = np.repeat(np.int32([2, 1, 0]), [600, 500, 100])  # F, M, unknown
+  # Good on F (AUC = Phi(2 / sqrt 2) = 0.921), chance on M.
+  scores = _scores_with_signal(np.where(sex_N == 2, 2.0, 0.0), seed=0)
+  scores.update(sex=sex_N, age=np.full(1200, np.nan, np.float32))
+  entry = evaluate.dataset_results(scores, meta, ['student', 'teacher'], bootstrap_samples=300,
+                                   bootstrap_seed=233)
+  teacher = entry['teacher']
+  assert set(teacher['subgroups']) == {'sex'}  # no age known: no age groups
+  sex = teacher['subgroups']['sex']
+  f, m = sex['groups']['F'], sex['groups']['M']
+  assert (f['n'], m['n']) == (600, 500)
+  assert f['auc_mean'] == pytest.approx(0.921, abs=0.02)
+  assert m['auc_mean'] == pytest.approx(0.5, abs=0.03)
+  for group in (f, m):
+    assert group['auc_mean_ci'][0] < group['auc_mean'] < group['auc_mean_ci'][1]
+  assert sex['gap']['of'] == 'M - F'
+  assert sex['gap']['value'] == pytest.approx(m['auc_mean'] - f['auc_mean'])
+  lo, hi = sex['gap']['ci']
+  assert lo < sex['gap']['value'] < hi < 0  # excludes 0
+  # The whole set's CIs: every label's, and the mean's, around the estimates.
+  assert set(teacher['auc_ci']) == set(teacher['auc'])
+  for label, (lo, hi) in teacher['auc_ci'].items():
+    assert lo < teacher['auc'][label] < hi
+  assert teacher['auc_mean_ci'][0] < teacher['auc_mean'] < teacher['auc_mean_ci'][1]
+  # Same ranking, same seed: the student's numbers are the teacher's.
+  assert entry['student'] == teacher
+  # Seeded: a second evaluation writes the same JSON.
+  assert evaluate.dataset_results(scores, meta, ['student', 'teacher'], bootstrap_samples=300,
+                                  bootstrap_seed=233) == entry
+
+
+def test_dataset_results_age_bands_and_gap():
+  meta = datasets.metadata('chestxray14')
+  age_N = np.repeat(np.float32([25, 45, 70, np.nan]), [400, 400, 400, 50])  # none 80 or over
+  signal_N = np.select([age_N < 40, age_N < 60, age_N < 80], [0.0, 1.0, 3.0], 0.0)
+  scores = _scores_with_signal(signal_N, seed=1)
+  scores.update(sex=np.zeros(1250, np.int32), age=age_N)  # sex unknown: no sex groups
+  age = evaluate.dataset_results(scores, meta, ['teacher'], bootstrap_samples=200)[
+      'teacher']['subgroups']
+  assert list(age) == ['age']
+  groups = age['age']['groups']
+  assert list(groups) == ['<40', '40-60', '60-80'] and all(g['n'] == 400 for g in groups.values())
+  # Phi(d / sqrt 2) for d = 0, 1, 3.
+  for band, want in (('<40', 0.5), ('40-60', 0.760), ('60-80', 0.983)):
+    assert groups[band]['auc_mean'] == pytest.approx(want, abs=0.03)
+  gap = age['age']['gap']
+  assert gap['of'] == '60-80 - <40'
+  assert gap['value'] == pytest.approx(groups['60-80']['auc_mean'] - groups['<40']['auc_mean'])
+  assert 0 < gap['ci'][0] < gap['value'] < gap['ci'][1]
+
+
+def test_dataset_results_without_sex_or_age_or_bootstrap():
+  meta = datasets.metadata('chestxray14')
+  scores = _scores_with_signal(np.ones(300), seed=2)
+  plain = evaluate.dataset_results(scores, meta, ['teacher'])  # no sex, no age arrays
+  assert 'subgroups' not in plain['teacher'] and 'auc_mean_ci' in plain['teacher']
+  one_sex = dict(scores, sex=np.full(300, 2, np.int32), age=np.full(300, 50.0, np.float32))
+  assert 'subgroups' not in evaluate.dataset_results(scores, meta, ['teacher'])['teacher']
+  assert 'subgroups' not in evaluate.dataset_results(one_sex, meta, ['teacher'])['teacher']
+  # 0 resamples: the estimates alone, as before CIs.
+  both = dict(scores, sex=np.arange(300, dtype=np.int32) % 3, age=np.full(300, np.nan))
+  bare = evaluate.dataset_results(both, meta, ['teacher'], bootstrap_samples=0)['teacher']
+  assert set(bare) == {'auc_mean', 'auc', 'n', 'subgroups'}
+  assert bare['auc'] == plain['teacher']['auc']
+  assert set(bare['subgroups']['sex']['groups']['F']) == {'auc_mean', 'n'}
+  assert set(bare['subgroups']['sex']['gap']) == {'of', 'value'}
+
+
+def test_sex_codes_are_the_pipelines():
+  assert dict(evaluate.SEX_CODES) == {k: v for k, v in pipeline._SEX_CODES.items()
+                                      if isinstance(k, str)}
+
+
+def test_summary_table_shows_the_teachers_interval():
+  results = {'a': {m: {'auc_mean': 0.8, 'auc_mean_ci': [0.75, 0.85], 'n': 10} for m in
+                   ('student', 'teacher')},
+             'b': {m: {'auc_mean': 0.6, 'n': 5} for m in ('student', 'teacher')}}
+  lines = evaluate.summary_table(results).splitlines()
+  assert lines[0].endswith('teacher 95% CI') and lines[1].endswith('[0.7500, 0.8500]')
+  assert lines[2].rstrip().endswith('0.6000') and lines[3].startswith('mean')
+
+
 def test_eval_mode_reproduces_the_runs_final_eval_and_matches_sklearn(demo_data_dir, tmp_path):
   workdir = str(tmp_path)
   config = tiny_demo_config(demo_data_dir, max_steps=3, eval_every_steps=0)
@@ -87,6 +181,10 @@ def test_eval_mode_reproduces_the_runs_final_eval_and_matches_sklearn(demo_data_
       assert 0.0 <= entry['teacher']['accuracy'] <= 1.0
   for png in ('auc_history.png', 'roc_step_3.png'):
     assert os.path.getsize(os.path.join(workdir, 'eval', png)) > 1000
+  # The demo's examples carry no sex or age: CIs, no subgroups (nor their plot).
+  for entry in during['results'].values():
+    assert 'auc_mean_ci' in entry['teacher'] and 'subgroups' not in entry['teacher']
+  assert not os.path.exists(os.path.join(workdir, 'eval', 'subgroups_step_3.png'))
   events = os.listdir(os.path.join(workdir, 'tensorboard'))
   assert any(name.startswith('events.out.tfevents') for name in events), events
 

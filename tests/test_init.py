@@ -61,8 +61,12 @@ def test_from_pytorch_with_other_heads_is_refused_unless_heads_are_left_out(demo
              path)
   config.init.from_pytorch = path
   mesh = sharding.make_mesh(config.mesh)
+  with open(path, 'rb') as f:
+    before = f.read()
   with pytest.raises(interop.WeightsMismatchError, match=r'other\.pth.*\(14, 3\).*\(10, 5, 1, 3\)'):
     train.load_init_params(config, config.data.num_classes, mesh)
+  with open(path, 'rb') as f:
+    assert f.read() == before  # the refused checkpoint is left as it was
   config.init.load_heads = False
   graphdef, state = _state(config)
   _assert_loaded(graphdef, state.params, other, parts=('backbone', 'projector'))

@@ -99,3 +99,44 @@ def test_plots_without_evals(tmp_path):
     plots.plot_auc_history(str(tmp_path))
   with pytest.raises(FileNotFoundError):
     plots.plot_roc_curves(str(tmp_path))
+
+
+def _subgroup_results():
+  """An eval's results with sex and age subgroups on one dataset, as JSON reads them back."""
+  def group(auc, n, ci=True):
+    return {'auc_mean': auc, 'auc_mean_ci': [auc - 0.02, auc + 0.03] if ci else None, 'n': n}
+  results = {'rsna': {'labels': DATASETS['rsna'],
+                      'teacher': {'auc_mean': 0.7, 'auc': {}, 'n': 100},
+                      'student': {'auc_mean': 0.6, 'auc': {}, 'n': 100}},
+             'chexpert': {'labels': DATASETS['chexpert']}}
+  for model, shift in (('teacher', 0.0), ('student', -0.1)):
+    results['chexpert'][model] = {
+        'auc_mean': 0.8 + shift, 'auc': {}, 'n': 300,
+        'subgroups': {
+            'sex': {'groups': {'F': group(0.9 + shift, 150), 'M': group(0.7 + shift, 140)},
+                    'gap': {'of': 'M - F', 'value': -0.2, 'ci': [-0.25, -0.15]}},
+            'age': {'groups': {'<40': group(0.85 + shift, 100),
+                               '60-80': group(0.75 + shift, 90, ci=False)},
+                    'gap': {'of': '<40 - 60-80', 'value': 0.1}}}}
+  return json.loads(json.dumps(results))
+
+
+def test_subgroup_plot_draws_the_jsons_values(tmp_path):
+  results = _subgroup_results()
+  points = plots.subgroup_points(results)
+  assert list(points) == ['chexpert']  # rsna has no subgroups
+  sex_f = results['chexpert']['teacher']['subgroups']['sex']['groups']['F']
+  assert ('teacher', 'sex', 'F', sex_f['auc_mean'], sex_f['auc_mean_ci']) in points['chexpert']
+  assert ('student', 'age', '60-80', 0.65, None) in points['chexpert']
+  assert len(points['chexpert']) == 8  # 2 models x 4 groups
+  path = str(tmp_path / 'subgroups_step_7.png')
+  assert plots.plot_subgroup_auc(results, path) == path
+  _assert_png(path)
+  assert os.path.getsize(path) > 1000
+
+
+def test_no_subgroup_plot_without_subgroups(tmp_path):
+  results = _subgroup_results()
+  del results['chexpert']
+  path = str(tmp_path / 'subgroups_step_7.png')
+  assert plots.plot_subgroup_auc(results, path) is None and not os.path.exists(path)

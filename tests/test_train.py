@@ -89,3 +89,44 @@ def test_non_finite_loss_names_the_step(data_dir, tmp_path):
     train.train_and_evaluate(config, str(tmp_path))
   # Nothing non-finite reached a checkpoint.
   assert not os.path.exists(os.path.join(tmp_path, 'checkpoints', '3'))
+
+
+def test_consolidated_head_without_consistency_learns_from_labels_alone(data_dir):
+  # The ablations' variants (configs/ablations): one head over the union of the
+  # label names, and c = 0; a mixed batch routes rows of every dataset through it.
+  config = make_config(data_dir)
+  config.data.schedule, config.ema = 'mixed', 'step'
+  config.model.head_labels = tuple(datasets.metadata(n, data_dir).label_names
+                                   for n in config.data.datasets)
+  config.consistency_scale = 0.0
+  mesh = sharding.make_mesh(config.mesh)
+  graphdef, state, shardings = train_state.create_train_state(
+      config, config.data.num_classes, mesh, config.sharding.rules)
+  assert state.params['head']['kernel'].shape == (16, 13)  # 10 items + 3 counts
+  it = pipeline.train_iterator(config.data, config.batch_size, config.seed)
+  host_batch = next(it)
+  it.close()
+  assert len(set(host_batch['dataset_id'].tolist())) > 1
+  is_multiclass = [datasets.metadata(n, data_dir).task == 'multiclass'
+                   for n in config.data.datasets]
+  step = train.jit_train_step(
+      train.make_train_step(graphdef, config, config.data.num_classes, is_multiclass), shardings,
+      mesh)
+  history = []
+  with jax.set_mesh(mesh):
+    for _ in range(8):
+      state, metrics = step(state, train._to_global(host_batch, mesh))
+      history.append(metrics)
+  history = jax.device_get(history)
+  for m in history:
+    assert m['consistency_weight'] == 0 and m['loss'] == m['task_loss']
+    assert m['consistency_loss'] > 0  # still measured, only not weighted
+  assert history[-1]['task_loss'] < history[0]['task_loss'] - 0.05
+
+
+def test_head_labels_that_do_not_name_the_datasets_labels_are_refused(data_dir, tmp_path):
+  config = make_config(data_dir)
+  config.model.head_labels = (('a',) * 10, ('b',) * 5, ('shirt',), ('one', 'two', 'three'))
+  with pytest.raises(ValueError, match=r"config\.model\.head_labels\[0\]=.*'demo_multilabel'"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not os.path.exists(os.path.join(tmp_path, 'checkpoints'))

@@ -1,13 +1,20 @@
 """The Ark model: backbone -> projector -> one head per dataset, all heads at once.
 
 Shape suffixes: B batch, F pooled features, P projector width (1376 in Ark+),
-D datasets (heads), C the largest head's class count (heads padded to it).
+D datasets (heads), C the largest head's class count (heads padded to it),
+U the union of all datasets' label names (consolidated head only).
 
 The D heads are one stacked Linear created with nnx.vmap ([D, P, C] kernel,
 [D, C] bias). Every example computes every head (P x D x C multiply-adds with
 the padding: 0.1 MMAC for Ark+6, a rounding error next to the backbone's
 15 GMAC) and the loss picks its own by `dataset_id`, so one compiled program
 serves any mix of datasets.
+
+`head_labels` switches to the MedIA paper's "label consolidation" ablation: one
+Linear(P -> U) over the union of the datasets' label names (matched by exact
+name), each dataset reading its own columns of it; a label two datasets share
+is one output. The logits keep the [B, D, C] layout, so loss, evaluation and
+prediction do not know which head they got.
 """
 
 from collections.abc import Sequence
@@ -51,13 +58,15 @@ class ArkModel(nnx.Module):
 
   def __init__(self, backbone: nnx.Module, num_classes: Sequence[int], *,
                projector_dim: int = 1376, projector_mlp: bool = False, dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               head_labels: Sequence[Sequence[str]] | None = None, rngs: nnx.Rngs):
     """Args:
       backbone: maps NHWC images to pooled features [B, F] (see models/registry.py).
       num_classes: class count of each dataset's head, in head order.
       projector_dim: P, the embedding the consistency loss compares.
       projector_mlp: Linear-ReLU-Linear projector instead of one Linear.
       dtype: computation dtype (parameters stay float32).
+      head_labels: per dataset, its label names: one consolidated head over
+        their union instead of one head per dataset (None: per-dataset heads).
       rngs: parameter initialisation.
     """
     if not num_classes or min(num_classes) < 1:
@@ -68,6 +77,16 @@ class ArkModel(nnx.Module):
     self.num_classes = tuple(int(n) for n in num_classes)
     width = max(self.num_classes)
     head_init = layers.torch_default_uniform(projector_dim)
+    if head_labels is not None:
+      self.union_labels, index_DxC = union_head_index(head_labels, self.num_classes)
+      # Static (nested tuples): part of the graphdef, not of the trained state.
+      self.union_index = tuple(map(tuple, index_DxC.tolist()))
+      self.head = layers.linear(projector_dim, len(self.union_labels), ('proj', 'classes'),
+                                dtype=dtype, kernel_init=head_init, bias_init=head_init,
+                                rngs=rngs)
+      self.heads = None
+      return
+    self.head = None
 
     @nnx.split_rngs(splits=len(self.num_classes))
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'dataset'})
@@ -92,12 +111,38 @@ class ArkModel(nnx.Module):
 
   def head_logits(self, z_BxP):
     """Every head applied to every example's projection: [B, P] -> [B, D, C]."""
+    if self.head is not None:
+      logits_BxU = self.head(z_BxP).astype(jnp.float32)
+      logits_BxDxC = logits_BxU[:, np.asarray(self.union_index)]
+      return jnp.where(self.class_mask()[None], logits_BxDxC, PADDED_LOGIT)
+
     @nnx.vmap(in_axes=(0, None), out_axes=1)
     def apply(head, z):
       return head(z)
 
     logits_BxDxC = apply(self.heads, z_BxP).astype(jnp.float32)
     return jnp.where(self.class_mask()[None], logits_BxDxC, PADDED_LOGIT)
+
+
+def union_head_index(head_labels: Sequence[Sequence[str]],
+                     num_classes: Sequence[int]) -> tuple[tuple[str, ...], np.ndarray]:
+  """The union of the label names (first-seen order) and each class's column in it.
+
+  Returns:
+    (union_labels, index_DxC): index_DxC[d, c] is the union column of dataset
+    d's class c (0 for padded classes, which class_mask hides).
+  """
+  if len(head_labels) != len(num_classes):
+    raise ValueError(f'head_labels names {len(head_labels)} datasets, num_classes '
+                     f'{len(num_classes)}.')
+  union: dict[str, int] = {}
+  index_DxC = np.zeros((len(num_classes), max(num_classes)), np.int32)
+  for d, (names, n) in enumerate(zip(head_labels, num_classes)):
+    if len(names) != n:
+      raise ValueError(f'head_labels[{d}] has {len(names)} names, its head {n} classes.')
+    for c, name in enumerate(names):
+      index_DxC[d, c] = union.setdefault(name, len(union))
+  return tuple(union), index_DxC
 
 
 def select_head(logits_BxDxC, dataset_id_B):

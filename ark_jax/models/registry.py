@@ -93,15 +93,13 @@ def family_of(backbone) -> str:
 CUSTOM_SIZE_KEYS = ('embed_dim', 'depths', 'depth', 'num_heads', 'dims')
 
 
-def create_model(model_cfg, num_classes, *, rngs):
-  """The Ark model (backbone, projector, heads) described by a config's `model` section.
+def backbone_from_config(model_cfg, *, rngs):
+  """The backbone a config's `model` section describes (no projector, no heads).
 
   Args:
     model_cfg: ConfigDict with name, variant, img_size, window_size, ... (configs/common.py).
-    num_classes: class count of each dataset head, in head order.
     rngs: parameter initialisation.
   """
-  from ark_jax.models import ark  # pylint: disable=g-import-not-at-top
   family = model_cfg.name
   sizes = {
       'swin': ('img_size', 'window_size', 'embed_dim', 'depths', 'num_heads', 'drop_path_rate'),
@@ -116,7 +114,20 @@ def create_model(model_cfg, num_classes, *, rngs):
     # on a config of custom sizes (the demo's) gives Swin-T, not a hybrid.
     keys = tuple(k for k in keys if k not in CUSTOM_SIZE_KEYS)
   cfg = backbone_config(family, model_cfg.variant, **{key: model_cfg.get(key) for key in keys})
-  dtype = jnp.dtype(model_cfg.dtype)
-  backbone = create_backbone(family, cfg, dtype=dtype, remat=model_cfg.remat, rngs=rngs)
+  return create_backbone(family, cfg, dtype=jnp.dtype(model_cfg.dtype), remat=model_cfg.remat,
+                         rngs=rngs)
+
+
+def create_model(model_cfg, num_classes, *, rngs):
+  """The Ark model (backbone, projector, heads) described by a config's `model` section.
+
+  Args:
+    model_cfg: ConfigDict with name, variant, img_size, window_size, ... (configs/common.py).
+    num_classes: class count of each dataset head, in head order.
+    rngs: parameter initialisation.
+  """
+  from ark_jax.models import ark  # pylint: disable=g-import-not-at-top
+  backbone = backbone_from_config(model_cfg, rngs=rngs)
   return ark.ArkModel(backbone, num_classes, projector_dim=model_cfg.projector_dim,
-                      projector_mlp=model_cfg.projector_mlp, dtype=dtype, rngs=rngs)
+                      projector_mlp=model_cfg.projector_mlp, dtype=jnp.dtype(model_cfg.dtype),
+                      head_labels=model_cfg.get('head_labels'), rngs=rngs)
