@@ -444,6 +444,7 @@ def train_and_evaluate(config, workdir: str):
                               state_shardings, mesh)
   ema_update = make_ema_update(config, state_shardings, mesh) if config.ema == 'pass' else None
   predict = evaluate.make_predict_fn(graphdef, config, mesh, num_classes, is_multiclass)
+  replicated = sharding.replicated(mesh)
 
   def run_eval(step, state):
     results, scores = evaluate.evaluate(config, graphdef, {'student': state.params,
@@ -485,12 +486,17 @@ def train_and_evaluate(config, workdir: str):
           host_batch = next(train_iter)
         except StopIteration:
           break
-        state, metrics = train_step(state, _to_global(host_batch, mesh))
-        if ema_update is not None and bool(host_batch['pass_end'][0]):
-          state = ema_update(state, np.int32(host_batch['pass_index'][0]))
-        step += 1
-        progress.update()
-        writer.add(step, metrics, host_batch['dataset_id'][host_batch['valid']])
+        # The host only dispatches here and runs ahead of the devices; values come
+        # back once per log (writer.flush). Inputs are placed explicitly, and an
+        # implicit transfer, a hidden per-step sync, is an error.
+        with jax.transfer_guard('disallow'):
+          state, metrics = train_step(state, _to_global(host_batch, mesh))
+          if ema_update is not None and bool(host_batch['pass_end'][0]):
+            pass_index = jax.device_put(np.int32(host_batch['pass_index'][0]), replicated)
+            state = ema_update(state, pass_index)
+          step += 1
+          progress.update()
+          writer.add(step, metrics, host_batch['dataset_id'][host_batch['valid']])
         preempted = _stop_requested(step, config.log_every_steps)
         # Flush (and so check the loss) before any checkpoint: never save a NaN state.
         if (step % config.log_every_steps == 0 or step % config.checkpoint_every_steps == 0

@@ -130,3 +130,48 @@ def test_head_labels_that_do_not_name_the_datasets_labels_are_refused(data_dir, 
   with pytest.raises(ValueError, match=r"config\.model\.head_labels\[0\]=.*'demo_multilabel'"):
     train.train_and_evaluate(config, str(tmp_path))
   assert not os.path.exists(os.path.join(tmp_path, 'checkpoints'))
+
+
+def test_the_loop_fetches_from_the_devices_only_to_log_and_checkpoint(data_dir, tmp_path,
+                                                                      monkeypatch):
+  # Every device-to-host copy of a jax.Array goes through ArrayImpl._value
+  # (np.asarray, float(), jax.device_get); from the first step's metrics on,
+  # count the ones the loop makes outside the metrics flush and the checkpoint
+  # save. (The loop also runs under jax.transfer_guard('disallow'), which
+  # catches implicit host-to-device transfers everywhere and device-to-host ones
+  # on accelerators; on CPU the arrays already live in host memory, hence this
+  # count.) Before the loop, compiling the initialiser reads constants: not counted.
+  from jax._src import array as array_lib  # pylint: disable=g-import-not-at-top
+  from ark_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  inside, outside, allowed, looping = [], [], [], []
+  original_value = array_lib.ArrayImpl._value
+
+  def counted(self):
+    if looping:
+      (inside if allowed else outside).append(1)
+    return original_value.fget(self)
+
+  def allowing(method):
+    def wrapped(*args, **kwargs):
+      allowed.append(1)
+      try:
+        return method(*args, **kwargs)
+      finally:
+        allowed.pop()
+    return wrapped
+
+  original_add = train.MetricsWriter.add
+
+  def add(self, *args):
+    looping.append(1)
+    return original_add(self, *args)
+
+  monkeypatch.setattr(array_lib.ArrayImpl, '_value', property(counted))
+  monkeypatch.setattr(train.MetricsWriter, 'add', add)
+  monkeypatch.setattr(train.MetricsWriter, 'flush', allowing(train.MetricsWriter.flush))
+  monkeypatch.setattr(checkpoint.Checkpointer, 'save', allowing(checkpoint.Checkpointer.save))
+  config = make_config(data_dir, **{'log_every_steps': 3, 'eval_every_steps': -1})
+  train.train_and_evaluate(config, str(tmp_path))
+  assert len(looping) == 6
+  assert [m['step'] for m in read_metrics(str(tmp_path))] == [3, 6]
+  assert inside and not outside, (len(inside), len(outside))
