@@ -347,8 +347,9 @@ def load_init_params(config, num_classes, mesh) -> Any:
 
   from_pytorch: a PyTorch/safetensors file (Ark: its `config.init.key` entry,
   by default 'teacher'; timm or Microsoft Swin: the backbone). from_checkpoint: an
-  ark_jax workdir or checkpoints folder: its newest teacher. Either way the same
-  weights start student and teacher, as the reference loads them into both.
+  ark_jax workdir or checkpoints folder: its newest teacher (or its student with
+  `config.init.key='student'`). Either way the same weights start student and
+  teacher, as the reference loads them into both.
   """
   source = _init_source(config)
   if source is None:
@@ -377,12 +378,21 @@ def load_init_params(config, num_classes, mesh) -> Any:
                           f'config.init.from_checkpoint={path!r} (step {step})', heads=load_heads)
     _, abstract_params = nnx.split(abstract, nnx.Param)
     if not load_heads:
-      abstract_params = nnx.State({k: v for k, v in abstract_params.items() if k != 'heads'})
+      abstract_params = nnx.State({k: v for k, v in abstract_params.items()
+                                   if k not in ('heads', 'head')})
     replicated = sharding.replicated(mesh)
     abstract_params = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract_params)
     # The released model of a run is its teacher (ARK_SPEC.md section 5).
-    return source_ckpt.restore_field(step, 'ema_params', abstract_params)
+    field = _CHECKPOINT_MODELS.get(config.init.get('key') or 'teacher')
+    if field is None:
+      raise ValueError(f'config.init.key={config.init.key!r}: with from_checkpoint, use one of '
+                       f'{sorted(_CHECKPOINT_MODELS)}.')
+    return source_ckpt.restore_field(step, field, abstract_params)
+
+
+# config.init.key with from_checkpoint -> the TrainState field it loads.
+_CHECKPOINT_MODELS = {'teacher': 'ema_params', 'student': 'params'}
 
 
 # ------------------------------------------------------------------------------ the run

@@ -160,6 +160,7 @@ def ark_config(model: ml_collections.ConfigDict, datasets, num_classes, *, batch
   c.init = ml_collections.ConfigDict()
   c.init.from_pytorch = ml_collections.config_dict.placeholder(str)  # .pth/.pth.tar/.safetensors
   # Entry of a dict checkpoint; None: the first of 'teacher', 'state_dict', 'model'.
+  # With from_checkpoint: 'teacher' (None) or 'student'.
   c.init.key = ml_collections.config_dict.placeholder(str)
   c.init.from_checkpoint = ml_collections.config_dict.placeholder(str)  # an ark_jax workdir
   c.init.load_heads = True  # False: backbone and projector only (other datasets)

@@ -63,6 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.init.from_checkpoint = ml_collections.config_dict.placeholder(str)  # an ark_jax workdir
   c.init.from_pytorch = ml_collections.config_dict.placeholder(str)  # .pth/.pth.tar/.safetensors
   # Entry of a dict checkpoint; None: the first of 'teacher', 'state_dict', 'model'.
+  # With from_checkpoint: 'teacher' (None) or 'student'.
   c.init.key = ml_collections.config_dict.placeholder(str)
 
   c.mesh = ml_collections.ConfigDict()

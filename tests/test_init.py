@@ -88,6 +88,15 @@ def test_from_checkpoint_starts_both_models_from_the_runs_teacher(demo_data_dir,
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded), teacher)
   assert not np.array_equal(np.asarray(first.params['projector']['fc1']['kernel']),
                             np.asarray(teacher['projector']['fc1']['kernel']))
+  # init.key='student' takes the run's student instead; an unknown key is named.
+  mesh = sharding.make_mesh(config.mesh)
+  config.init.key = 'student'
+  loaded = train.load_init_params(config, config.data.num_classes, mesh)
+  np.testing.assert_array_equal(np.asarray(loaded['projector']['fc1']['kernel'].get_value()),
+                                np.asarray(first.params['projector']['fc1']['kernel']))
+  config.init.key = 'model'
+  with pytest.raises(ValueError, match=r"config\.init\.key='model'.*\['student', 'teacher'\]"):
+    train.load_init_params(config, config.data.num_classes, mesh)
 
   # The same source for a run over other datasets: refused before anything is built.
   config = tiny_demo_config(demo_data_dir, **{'data.datasets': ('demo_binary', 'demo_count'),
