@@ -15,8 +15,7 @@
 # R = IMG*8/7 (the config's data.image_size; 146 for 128) and augments them to
 # IMG on the device inside the step; the PyTorch step gets both views ready at
 # IMG (the reference augments on the host, in DataLoader workers). The JAX run
-# also times its split variants (no augment / no teacher / EMA), so it takes
-# about 3-4x as long as its img/s suggests; only its full step is compared.
+# skips its split variants (--split=false): only the full step is compared.
 # Where torch sees CUDA, both sides compute in bfloat16 (torch: autocast).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -57,7 +56,7 @@ for pair in $(seq "$pairs"); do
   load=$(cut -d ' ' -f 1 /proc/loadavg 2>/dev/null || echo '?')
   jax_json=$(last_json "$PY" -m ark_jax.benchmark --mode=step \
       --config="configs/ark6.py:${model},${img},${window}" --config.batch_size="$batch" \
-      "${jax_dtype[@]}" --steps="$steps" --warmup="$warmup")
+      "${jax_dtype[@]}" --split=false --steps="$steps" --warmup="$warmup")
   torch_json=$(last_json "$PY" benchmarks/torch_reference.py --model "$timm_name" \
       --img_size "$img" --window_size "$window" --batch_size "$batch" \
       --steps "$steps" --warmup "$warmup")
