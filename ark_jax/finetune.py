@@ -4,7 +4,8 @@ r"""Fine-tuning and linear probing on one target dataset (ARK_SPEC.md sections 2
       [--config.init.from_checkpoint=PRETRAIN_DIR | --config.init.from_pytorch=FILE]
 
 Starting weights (`config.init`), as the reference loads them for downstream:
-  from_checkpoint  an ark_jax workdir: its newest teacher (`ema_params`);
+  from_checkpoint  an ark_jax workdir: its newest teacher (`ema_params`), or
+                   its student with `config.init.key='student'`;
   from_pytorch     an Ark `.pth.tar` (entry `config.init.key`, by default
                    'teacher'; `module.` prefixes stripped), a timm or a Microsoft
                    Swin file; read with weights_only / safetensors only;
