@@ -292,7 +292,7 @@ def test_ablations_change_one_thing_each():
       ('ablations/heads', 'consolidated', {'model.head_labels'}),
       ('ablations/consistency', 'c0', {'consistency_scale'}),
       ('ablations/schedule', 'mixed', {'data.schedule', 'ema'}),
-      ('ablations/single_vs_ark', 'ark', {'data.datasets', 'data.num_classes'})):
+      ('ablations/single_vs_ark', 'ark', {'data.datasets', 'data.num_classes', 'num_epochs'})):
     flat = _flat(_module(stem).get_config(arg))
     assert {k for k in base if flat[k] != base[k]} == changed, (stem, arg)
   # demo_binary, the fine-tuning target of ablation (a), is in no pretraining set.
