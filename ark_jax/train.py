@@ -497,16 +497,19 @@ def train_and_evaluate(config, workdir: str):
         except StopIteration:
           break
         # The host only dispatches here and runs ahead of the devices; values come
-        # back once per log (writer.flush). Inputs are placed explicitly, and an
-        # implicit transfer, a hidden per-step sync, is an error.
+        # back once per log (writer.flush). Inputs are placed explicitly first,
+        # and an implicit transfer in the dispatch, a hidden sync, is an error.
+        global_batch = _to_global(host_batch, mesh)
+        pass_end = ema_update is not None and bool(host_batch['pass_end'][0])
+        if pass_end:
+          pass_index = jax.device_put(np.int32(host_batch['pass_index'][0]), replicated)
         with jax.transfer_guard('disallow'):
-          state, metrics = train_step(state, _to_global(host_batch, mesh))
-          if ema_update is not None and bool(host_batch['pass_end'][0]):
-            pass_index = jax.device_put(np.int32(host_batch['pass_index'][0]), replicated)
+          state, metrics = train_step(state, global_batch)
+          if pass_end:
             state = ema_update(state, pass_index)
-          step += 1
-          progress.update()
-          writer.add(step, metrics, host_batch['dataset_id'][host_batch['valid']])
+        step += 1
+        progress.update()
+        writer.add(step, metrics, host_batch['dataset_id'][host_batch['valid']])
         preempted = _stop_requested(step, config.log_every_steps)
         # Flush (and so check the loss) before any checkpoint: never save a NaN state.
         if (step % config.log_every_steps == 0 or step % config.checkpoint_every_steps == 0
