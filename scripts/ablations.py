@@ -251,7 +251,8 @@ def main():
       '# Ablations on the demo data', '',
       'The Ark+ papers\' claims, measured on the four Fashion-MNIST mosaic datasets of '
       '`make demo` with its small Swin, '
-      f'{base.ABLATION_EPOCHS} epochs per pretraining run (configs/ablations/base.py), '
+      f'{base.ABLATION_EPOCHS} epochs per pretraining run (configs/ablations/base.py; '
+      f'{2 * base.ABLATION_EPOCHS} for (a)), '
       f'seeds {seeds}. Numbers are as measured, whichever way they point; std is over seeds '
       '(ddof 1). These are toy-scale results: they show the code paths work and how the '
       'variants compare here, not what happens on 700k chest X-rays.', '',
