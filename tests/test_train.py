@@ -28,9 +28,8 @@ def read_metrics(workdir):
     return [json.loads(line) for line in f]
 
 
-def test_step_on_a_fixed_batch_lowers_the_loss(data_dir):
-  # The config of the loop tests: the step program comes from the compilation cache.
-  config = make_config(data_dir)
+def train_on_first_batch(config, data_dir, steps: int = 8):
+  """`steps` train steps on the config's first batch: (state, shardings, mesh, host_batch, metrics)."""
   mesh = sharding.make_mesh(config.mesh)
   graphdef, state, shardings = train_state.create_train_state(
       config, config.data.num_classes, mesh, config.sharding.rules)
@@ -42,12 +41,19 @@ def test_step_on_a_fixed_batch_lowers_the_loss(data_dir):
   step = train.jit_train_step(
       train.make_train_step(graphdef, config, config.data.num_classes, is_multiclass), shardings,
       mesh)
-  losses = []
+  history = []
   with jax.set_mesh(mesh):
-    for _ in range(8):
+    for _ in range(steps):
       state, metrics = step(state, train._to_global(host_batch, mesh))
-      losses.append(metrics['task_loss'])
-  losses = np.asarray(jax.device_get(losses))
+      history.append(metrics)
+  return state, shardings, mesh, host_batch, jax.device_get(history)
+
+
+def test_step_on_a_fixed_batch_lowers_the_loss(data_dir):
+  # The config of the loop tests: the step program comes from the compilation cache.
+  config = make_config(data_dir)
+  state, shardings, mesh, _, history = train_on_first_batch(config, data_dir)
+  losses = np.asarray([m['task_loss'] for m in history])
   assert np.all(np.isfinite(losses))
   assert int(state.step) == 8
   assert losses[-1] < losses[0] - 0.05, losses
@@ -99,25 +105,9 @@ def test_consolidated_head_without_consistency_learns_from_labels_alone(data_dir
   config.model.head_labels = tuple(datasets.metadata(n, data_dir).label_names
                                    for n in config.data.datasets)
   config.consistency_scale = 0.0
-  mesh = sharding.make_mesh(config.mesh)
-  graphdef, state, shardings = train_state.create_train_state(
-      config, config.data.num_classes, mesh, config.sharding.rules)
+  state, _, _, host_batch, history = train_on_first_batch(config, data_dir)
   assert state.params['head']['kernel'].shape == (16, 13)  # 10 items + 3 counts
-  it = pipeline.train_iterator(config.data, config.batch_size, config.seed)
-  host_batch = next(it)
-  it.close()
   assert len(set(host_batch['dataset_id'].tolist())) > 1
-  is_multiclass = [datasets.metadata(n, data_dir).task == 'multiclass'
-                   for n in config.data.datasets]
-  step = train.jit_train_step(
-      train.make_train_step(graphdef, config, config.data.num_classes, is_multiclass), shardings,
-      mesh)
-  history = []
-  with jax.set_mesh(mesh):
-    for _ in range(8):
-      state, metrics = step(state, train._to_global(host_batch, mesh))
-      history.append(metrics)
-  history = jax.device_get(history)
   for m in history:
     assert m['consistency_weight'] == 0 and m['loss'] == m['task_loss']
     assert m['consistency_loss'] > 0  # still measured, only not weighted
