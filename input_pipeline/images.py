@@ -18,9 +18,11 @@ uint8 image is resized, like every other format.
 Resizing is Pillow bicubic on the grey image, what the reference does to its
 RGB copy (the three channels hold the same grey, so the result is identical).
 
-An image larger than `MAX_PIXELS` is refused before its pixels are decoded
-(a few dozen bytes of PNG header can declare a 4-gigapixel image). Every failure raises
-`BadImageError` naming the file; this module never returns a blank image.
+An image larger than `MAX_PIXELS` (100 million pixels, 10k x 10k) is refused
+before its pixels are decoded (a few dozen bytes of PNG header can declare a
+4-gigapixel image). Every failure (missing, empty, truncated or corrupt file,
+too large) raises `BadImageError` naming the file; this module never returns a
+blank or partly decoded image.
 """
 
 import collections.abc
@@ -31,6 +33,7 @@ import warnings
 
 import numpy as np
 from PIL import Image
+from PIL import ImageFile
 
 # The largest image read, in pixels: 10k × 10k. Chest radiographs are at most
 # ~4.3k × 4.3k (19 Mpx); anything far larger is a corrupt or hostile header.
@@ -128,6 +131,14 @@ def read_grey(path: str, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, Dico
   Raises:
     BadImageError: the file is missing, unreadable, corrupt or too large.
   """
+  try:
+    size = os.path.getsize(path)
+  except FileNotFoundError as e:
+    raise BadImageError(path, 'no such file') from e
+  except OSError as e:
+    raise BadImageError(path, f'cannot open: {e.strerror or e}') from e
+  if size == 0:
+    raise BadImageError(path, 'empty file (0 bytes)')
   if is_dicom(path):
     return _read_dicom(path, max_pixels)
   return _read_pil(path, max_pixels), DicomTags()
@@ -210,7 +221,7 @@ def _read_pil(path: str, max_pixels: int) -> np.ndarray:
       warnings.simplefilter('ignore', Image.DecompressionBombWarning)
       with Image.open(path) as img:
         _check_pixels(path, img.width * img.height, max_pixels, f'{img.format} {img.size}')
-        img.load()
+        _load_whole(img)
         return _pil_to_grey(img)
   except BadImageError:
     raise
@@ -220,6 +231,20 @@ def _read_pil(path: str, max_pixels: int) -> np.ndarray:
     raise BadImageError(path, f'refused as a decompression bomb: {e}') from e
   except (OSError, SyntaxError, ValueError, EOFError) as e:  # UnidentifiedImageError is an OSError
     raise BadImageError(path, f'cannot decode: {e}') from e
+
+
+def _load_whole(img: Image.Image):
+  """img.load(), refusing a truncated file even where Pillow's global allows it.
+
+  TFDS's thumbnailer sets ImageFile.LOAD_TRUNCATED_IMAGES for the whole
+  process; a truncated radiograph would then decode with its missing rows grey.
+  """
+  allowed = ImageFile.LOAD_TRUNCATED_IMAGES
+  ImageFile.LOAD_TRUNCATED_IMAGES = False
+  try:
+    img.load()
+  finally:
+    ImageFile.LOAD_TRUNCATED_IMAGES = allowed
 
 
 def _pil_to_grey(img: Image.Image) -> np.ndarray:
@@ -243,7 +268,8 @@ def _read_dicom(path: str, max_pixels: int) -> tuple[np.ndarray, DicomTags]:
   except Exception as e:  # pylint: disable=broad-except  # pydicom raises many types
     raise BadImageError(path, f'not a readable DICOM file: {e}') from e
   if 'PixelData' not in ds:
-    raise BadImageError(path, 'DICOM file without pixel data')
+    raise BadImageError(path, f'DICOM file without pixel data ({os.path.getsize(path):,} bytes: '
+                        'truncated, or not an image)')
   rows, cols = int(ds.get('Rows', 0) or 0), int(ds.get('Columns', 0) or 0)
   frames = int(ds.get('NumberOfFrames', 1) or 1)
   _check_pixels(path, rows * cols * frames, max_pixels, f'DICOM {rows}x{cols}x{frames}')

@@ -43,6 +43,13 @@ schedule every process takes the same number of steps per pass (passes are
 padded to whole global batches), so pass_end arrives on the same step
 everywhere.
 
+Damaged data. `prepare` checks every image before storing it; what is read
+back can still be damaged on disk. A shard holding fewer records than
+dataset_info.json counts fails when the source opens (sources.py); a corrupt
+chunk, a stored image that is not a PNG or not R x R fails when read: each
+raises BadRecordError naming the dataset, split and record index (and the shard
+or example id), instead of an error deep in batching or training.
+
 Resume. Batches are elements of a Grain MapDataset, a pure function of their
 position, so `get_state()` / `set_state()` (or grain.checkpoint with Orbax)
 resume exactly, with or without mp_prefetch workers; workers read whole
@@ -51,7 +58,6 @@ batches, so the batch order does not depend on the number of workers.
 
 import bisect
 import dataclasses
-import io
 import math
 import sys
 from typing import Any
@@ -60,58 +66,22 @@ import grain
 import jax
 import ml_collections
 import numpy as np
-from PIL import Image
-import tensorflow_datasets as tfds
 
 from input_pipeline import datasets
 from input_pipeline import labels as labels_lib
+from input_pipeline import sources
 
 SCHEDULES = ('cyclic', 'mixed')
+# The split readers live in sources.py; these names are the pipeline's API too.
+open_source = sources.open_source
+decode_png = sources.decode_png
+BadRecordError = sources.BadRecordError
 _SEX_CODES = {b'M': 1, b'F': 2, 'M': 1, 'F': 2}
 
 
 # ------------------------------------------------------------------------------
-# Per-dataset sources.
+# Per-example rows (the split sources are in sources.py).
 # ------------------------------------------------------------------------------
-
-
-def open_source(name: str, split: str, data_dir: str | None, image_size: int,
-                decode_images: bool = True):
-  """The random-access source of one prepared split (ArrayRecord).
-
-  Args:
-    name: TFDS name ('csv_images:NAME' is read as NAME, like metadata()).
-    split: 'train', 'validation', 'test'.
-    data_dir: where `prepare` wrote it (None = TFDS's default).
-    image_size: R; the prepared config is 'r<R>'.
-    decode_images: False leaves 'image' as PNG bytes; the pipeline decodes
-      them itself (TFDS's decoding path measured 0-50% slower per image).
-
-  Returns:
-    A tfds ArrayRecord data source: len() and random access to dicts with
-    'image' u8[R, R, 1] (or PNG bytes), 'labels_raw' f32[C], 'id', 'sex',
-    'age', 'view' (strings as bytes).
-  """
-  name = name.split(':', 1)[1] if name.startswith('csv_images:') else name
-  try:
-    builder = tfds.builder(f'{name}/r{image_size}', data_dir=data_dir)
-    if not builder.is_prepared():
-      raise FileNotFoundError(builder.data_dir)
-  except (FileNotFoundError, tfds.core.registered.DatasetNotFoundError) as e:
-    raise FileNotFoundError(
-        f'{name} is not prepared at {image_size}x{image_size} in {data_dir}: run python -m '
-        f'input_pipeline.prepare --dataset={name} --data_dir={data_dir} '
-        f'--image_size={image_size} (with --manual_dir for the chest X-ray sets).') from e
-  decoders = None if decode_images else {'image': tfds.decode.SkipDecoding()}
-  return builder.as_data_source(split=split, decoders=decoders)
-
-
-def decode_png(png: bytes) -> np.ndarray:
-  """u8[R, R] from the stored PNG of a grey image."""
-  with Image.open(io.BytesIO(png)) as image:
-    if image.mode != 'L':
-      image = image.convert('L')
-    return np.asarray(image)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,17 +92,44 @@ class ToExample:
   num_classes_max: int
   seed: int  # the dataset's LSR seed
   with_metadata: bool = False
+  where: str = ''  # 'dataset/split', for error messages
+  image_size: int | None = None  # R: a stored image of another shape is an error
 
   def __call__(self, index: int, ex: dict[str, Any]) -> dict[str, Any]:
+    image = self._image(index, ex)  # first: it also catches an empty record
     labels, mask = labels_lib.apply_policy(ex['labels_raw'], self.policy, self.num_classes_max,
                                            seed=self.seed, index_N=index)
-    out = {'image': decode_png(ex['image']), 'labels': labels, 'label_mask': mask,
+    out = {'image': image, 'labels': labels, 'label_mask': mask,
            'dataset_id': np.int32(self.dataset_id), 'valid': np.bool_(True),
            'index': np.int32(index)}
     if self.with_metadata:
       out['sex'] = np.int32(_SEX_CODES.get(ex.get('sex', b''), 0))
       out['age'] = np.float32(ex.get('age', np.nan))
     return out
+
+  def _image(self, index: int, ex: dict[str, Any]) -> np.ndarray:
+    """The decoded image; a bad one raises here, naming its record, not in the batcher."""
+    if ex['image'] is None:
+      # What TFDS reads from a truncated ArrayRecord shard: every feature None.
+      raise self._bad_record(index, ex, 'empty record (a truncated or damaged ArrayRecord '
+                             'shard?)')
+    try:
+      image = decode_png(ex['image'])
+    except (OSError, SyntaxError, ValueError, EOFError) as e:  # what Pillow raises on bad bytes
+      raise self._bad_record(index, ex, f'stored image is not a readable PNG ({e})') from e
+    size = self.image_size
+    if size is not None and image.shape != (size, size):
+      raise self._bad_record(index, ex, f'stored image has shape {image.shape}, expected '
+                             f'({size}, {size})')
+    return image
+
+  def _bad_record(self, index: int, ex: dict[str, Any], reason: str) -> BadRecordError:
+    image_id = ex.get('id')
+    image_id = image_id.decode(errors='replace') if isinstance(image_id, bytes) else image_id
+    named = f' (id {image_id!r})' if image_id else ''
+    return BadRecordError(f'{self.where or "dataset"} record {index}{named}: {reason}. The '
+                          'prepared files are damaged: prepare the dataset again with '
+                          '--overwrite.')
 
 
 def _padding_row(dataset_id: int, image_size: int, num_classes_max: int,
@@ -326,19 +323,21 @@ def _examples(config_data, name: str, split: str, seed: int, num_classes: int, *
   source = open_source(name, split, config_data.get('data_dir'), config_data.image_size,
                        decode_images=False)
   policy = labels_lib.policy_for(name, config_data.get('label_policies') or {})
+  where = f'{name}/{split}'
   to_example = ToExample(d, policy, num_classes, labels_lib.dataset_seed(seed, name),
-                         with_metadata)
-  return grain.MapDataset.source(source).map_with_index(to_example)
+                         with_metadata, where=where, image_size=config_data.image_size)
+  return grain.MapDataset.source(sources.NamedSource(source, where)).map_with_index(to_example)
 
 
-def _to_iterator(batches: grain.MapDataset, config_data) -> grain.DatasetIterator:
+def to_iterator(batches: grain.MapDataset, config_data, start: int = 0) -> grain.DatasetIterator:
   """Reads batches ahead in threads, and in worker processes if configured.
 
   The elements are whole batches, so workers (each reading every n-th batch)
-  give the same batch order as reading here.
+  give the same batch order as reading here. `start`: the first batch to read
+  (batches are a pure function of their position: resuming is slicing).
   """
   threads = config_data.get('read_threads', 2)
-  ds = batches.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+  ds = batches[start:].to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                                  prefetch_buffer_size=2 * threads))
   workers = config_data.get('num_workers', 0)
   if workers:
@@ -407,7 +406,7 @@ def train_iterator(config_data: ml_collections.ConfigDict, global_batch_size: in
     A Grain iterator of per-process batches (global batch / process count
     rows) with get_state() / set_state(); close() it when done.
   """
-  return _to_iterator(train_batches(config_data, global_batch_size, seed, process_index,
+  return to_iterator(train_batches(config_data, global_batch_size, seed, process_index,
                                     process_count, num_epochs, subsets), config_data)
 
 
@@ -448,4 +447,4 @@ def eval_iterator(config_data: ml_collections.ConfigDict, dataset_name: str, spl
                         padding_rows=[padding], num_epochs=1)
   rows = ProcessRows(stream, global_batch_size=batch_size, process_index=process_index,
                      process_count=process_count)
-  return _to_iterator(rows.batch(batch_size // process_count), config_data)
+  return to_iterator(rows.batch(batch_size // process_count), config_data)

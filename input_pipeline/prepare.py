@@ -7,7 +7,8 @@ r"""Prepares a dataset: official download → pre-resized ArrayRecord shards.
   python -m input_pipeline.prepare --dataset=csv_images:my_set \
       --manual_dir=/data/raw/my_set --data_dir=/data/tfds --csv=labels.csv \
       --image_col=path --label_cols=a,b,c --task=multilabel [--split_col=split] \
-      [--sex_col=sex] [--age_col=age] [--view_col=view] [--class_names=x,y]
+      [--patient_col=patient] [--sex_col=sex] [--age_col=age] [--view_col=view] \
+      [--class_names=x,y]
 
 Datasets: chestxray14, chexpert, mimic_cxr, rsna_pneumonia, vindr_cxr,
 shenzhen_cxr (each builder's MANUAL_DOWNLOAD_INSTRUCTIONS says what manual_dir
@@ -19,6 +20,22 @@ are checked before any image is decoded; then `--num_workers` processes
 prevalence, skipped files) is printed at the end and kept in the dataset's
 metadata. The output is `data_dir/NAME/r<R>/1.0.0/` (ArrayRecord shards,
 dataset_info.json, features.json, metadata.json).
+
+Bad data. Before any image is read, and before anything is written, these
+stop the build with an error naming the file, line and column: a label file
+row with fewer fields than its header or with non-empty fields beyond it, a
+label value other than 1, 0, -1 or blank, an image path that is absolute,
+holds '..', or leads (through a symbolic link) outside --manual_dir (such a
+file is never opened), an image listed twice in a split or in train and in
+validation/test, and a patient with images in both train and test (datasets
+with patient ids: chestxray14, chexpert, mimic_cxr, csv_images with
+--patient_col). A listed image that is missing, and then, while decoding,
+one that is empty, truncated, corrupt, or larger than 100,000,000 pixels
+(10k x 10k; the decompression-bomb limit, images.MAX_PIXELS, checked from the
+header before any pixel is decoded) stops the build naming the file and its
+label file line; with --skip_bad_images it is logged, counted per split in the
+summary and left out. 16-bit images are stretched from their own range; RGB,
+RGBA and palette images become grey.
 
 Reading it back needs neither TensorFlow nor this package's builders:
 
@@ -44,6 +61,7 @@ from absl import flags
 import tensorflow_datasets as tfds
 
 from input_pipeline import datasets
+from input_pipeline import images
 from input_pipeline.datasets import base
 from input_pipeline.datasets import csv_images
 
@@ -57,7 +75,8 @@ _IMAGE_SIZE = flags.DEFINE_integer(
 _SPLIT_FILES_DIR = flags.DEFINE_string(
     'split_files_dir', None, "Folder with the reference's split lists, to use its partition.")
 _SKIP_BAD_IMAGES = flags.DEFINE_bool(
-    'skip_bad_images', False, 'Log, count and leave out unreadable or missing images.')
+    'skip_bad_images', False, 'Log, count and leave out missing, empty, corrupt or truncated '
+    f'images and images over {images.MAX_PIXELS:,} pixels, instead of stopping.')
 _NUM_WORKERS = flags.DEFINE_integer('num_workers', None,
                                     'Decoding processes (default: os.cpu_count(); 0: inline).')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Rebuild a dataset already prepared.')
@@ -66,6 +85,9 @@ _IMAGE_COL = flags.DEFINE_string('image_col', 'path', 'csv_images: image path co
 _LABEL_COLS = flags.DEFINE_list('label_cols', [], 'csv_images: label columns.')
 _TASK = flags.DEFINE_enum('task', 'multilabel', list(base.TASKS), 'csv_images: the task.')
 _SPLIT_COL = flags.DEFINE_string('split_col', '', 'csv_images: split column (optional).')
+_PATIENT_COL = flags.DEFINE_string(
+    'patient_col', '', 'csv_images: patient id column (optional): the seeded split keeps a '
+    "patient's images together, and a patient in train and test is an error.")
 _SEX_COL = flags.DEFINE_string('sex_col', '', 'csv_images: sex column (optional).')
 _AGE_COL = flags.DEFINE_string('age_col', '', 'csv_images: age column (optional).')
 _VIEW_COL = flags.DEFINE_string('view_col', '', 'csv_images: view column (optional).')
@@ -126,7 +148,8 @@ def main(argv):
     if not _CSV.value or not _LABEL_COLS.value:
       raise app.UsageError('csv_images needs --csv and --label_cols')
     csv_options = dict(csv=_CSV.value, image_col=_IMAGE_COL.value, label_cols=_LABEL_COLS.value,
-                       task=_TASK.value, split_col=_SPLIT_COL.value, sex_col=_SEX_COL.value,
+                       task=_TASK.value, split_col=_SPLIT_COL.value,
+                       patient_col=_PATIENT_COL.value, sex_col=_SEX_COL.value,
                        age_col=_AGE_COL.value, view_col=_VIEW_COL.value,
                        class_names=_CLASS_NAMES.value or None)
   demo_options = ({'source': _DEMO_SOURCE.value} if _DATASET.value in datasets.DEMO_BUILDERS

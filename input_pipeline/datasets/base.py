@@ -7,8 +7,9 @@ and one method, `_list_records`, that reads the official label files into
 1. Listing (in the main process, no pixels read): the subclass parses the label
    files (bad columns and values raise `LabelFileError` naming file, line and
    column); then every image path is checked to stay inside manual_dir and to
-   exist, and no split may be empty. A broken dataset fails here in seconds,
-   not hours into decoding.
+   exist, no image may be in train and in validation or test, no patient (where
+   the dataset has patient ids) in train and in test, and no split may be
+   empty. A broken dataset fails here in seconds, not hours into decoding.
 2. Decoding: a pool of `num_workers` processes reads, resizes and PNG-encodes
    the images (`images.decode_task`); TFDS serialises them into ArrayRecord in
    this process. A bad image stops the build (`BadImageError`), or with
@@ -85,6 +86,7 @@ class Record:
   age: float = math.nan  # years (DICOM PatientAge fills it when NaN)
   view: str = ''  # (DICOM ViewPosition fills it when empty)
   source: str = ''  # 'label file, line N', for error messages
+  patient: str = ''  # patient id where the dataset has one: no patient in train and test
 
 
 @dataclasses.dataclass
@@ -283,7 +285,7 @@ class CxrBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _check_records(self, manual_dir: str,
                      records: dict[str, list[Record]]) -> dict[str, list[Record]]:
-    """Paths inside manual_dir, files present, ids unique, no split empty."""
+    """Paths inside manual_dir, files present, ids unique, no leakage, no split empty."""
     checked, missing, real_dirs = {}, [], {}
     for split, recs in records.items():
       seen, kept = {}, []
@@ -304,6 +306,7 @@ class CxrBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       checked[split] = kept
     if missing:
       self._missing(manual_dir, missing)
+    self._check_leakage(checked)
     for split in SPLITS:
       if not checked.get(split):
         raise label_files.DatasetError(
@@ -311,6 +314,46 @@ class CxrBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             f'{ {s: len(r) for s, r in checked.items()} }); check the label files and '
             f'layout under {manual_dir}:\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}')
     return checked
+
+  def _check_leakage(self, checked: dict[str, list[Record]]):
+    """No image in train and an evaluation split; no patient in train and test.
+
+    Validation and test may share images (CheXpert's and VinDr's reference
+    evaluation uses one set as both). A patient in train and validation is
+    noted, not refused: it inflates validation scores only, and the
+    reference's own validation lists may hold such patients.
+
+    Raises:
+      DatasetError: naming the shared image or patient ids and the splits.
+    """
+    train = {r.path: r for r in checked.get('train', [])}
+    train_patients = {}
+    for record in train.values():
+      if record.patient:
+        train_patients.setdefault(record.patient, record)
+    for split in ('validation', 'test'):
+      shared = [(train[r.path], r) for r in checked.get(split, []) if r.path in train]
+      if shared:
+        raise label_files.DatasetError(
+            f'{self.name}: {len(shared)} image(s) in both train and {split}: '
+            + _shown(f'{a.path} ({a.source}; {b.source})' for a, b in shared)
+            + '. An image may be in one of them only.')
+      leaked, seen = [], set()
+      for record in checked.get(split, []):
+        if record.patient in train_patients and record.patient not in seen:
+          seen.add(record.patient)
+          leaked.append((train_patients[record.patient], record))
+      if not leaked:
+        continue
+      if split == 'validation':
+        self._note(f'{len(leaked)} patient(s) have images in both train and validation '
+                   f'(e.g. {leaked[0][0].patient})')
+        continue
+      raise label_files.DatasetError(
+          f'{self.name}: patient leakage: {len(leaked)} patient(s) have images in both train '
+          'and test: ' + _shown(f'{a.patient} (train: {a.path}, {a.source}; test: {b.path}, '
+                                f'{b.source})' for a, b in leaked)
+          + '. A test score is only meaningful on unseen patients: fix the split lists.')
 
   def _missing(self, manual_dir: str, missing: list[tuple[str, Record]]):
     if self._skip_bad_images:
@@ -358,6 +401,13 @@ class CxrBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         'age': np.float32(age),
         'view': record.view or tags.view.strip().upper(),
     }
+
+
+def _shown(items, limit: int = 5) -> str:
+  """The first `limit` items joined with '; ', and how many more."""
+  items = list(items)
+  more = f'; and {len(items) - limit} more' if len(items) > limit else ''
+  return '; '.join(items[:limit]) + more
 
 
 def _decode_in_pool(pool: concurrent.futures.Executor, tasks, window: int):

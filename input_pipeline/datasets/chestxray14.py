@@ -51,7 +51,7 @@ class Chestxray14(base.CxrBuilder):
     _, rows = label_files.read_csv(entry, ['Image Index', 'Finding Labels', 'Patient ID',
                                            'Patient Age', 'Patient Gender', 'View Position'])
     where = _image_index(manual_dir)
-    records, patients = {}, {}
+    records = {}
     for line, row in rows:
       name = row['Image Index'].strip()
       records[name] = base.Record(
@@ -60,9 +60,8 @@ class Chestxray14(base.CxrBuilder):
           sex=label_files.parse_sex(row['Patient Gender']),
           age=label_files.parse_age(row['Patient Age']),
           view=row['View Position'].strip().upper(),
-          source=f'{os.path.basename(entry)} line {line}')
-      patients[name] = row['Patient ID'].strip()
-    split_of = self.reference_splits() or self._official_splits(manual_dir, records, patients)
+          source=f'{os.path.basename(entry)} line {line}', patient=row['Patient ID'].strip())
+    split_of = self.reference_splits() or self._official_splits(manual_dir, records)
     by_split = {split: [] for split in base.SPLITS}
     for name, split in split_of.items():
       if name not in records:
@@ -75,19 +74,21 @@ class Chestxray14(base.CxrBuilder):
                  'no split list and were left out')
     return by_split
 
-  def _official_splits(self, manual_dir: str, records: dict[str, base.Record],
-                       patients: dict[str, str]) -> dict[str, str]:
-    split_of = {}
+  def _official_splits(self, manual_dir: str,
+                       records: dict[str, base.Record]) -> dict[str, str]:
+    split_of, where = {}, {}
     for split, file_name in (('train', 'train_val_list.txt'), ('test', 'test_list.txt')):
       path = label_files.find_file(manual_dir, file_name)
       for line, text in label_files.read_lines(path):
         name = text.split()[0]
         if name not in records:
           raise label_files.LabelFileError(path, f'{name} has no row in Data_Entry', line)
-        split_of[name] = split
+        if name in split_of:
+          raise label_files.LabelFileError(path, f'{name} is also listed in {where[name]}', line)
+        split_of[name], where[name] = split, f'{os.path.basename(path)} line {line}'
     train_val = [name for name, split in split_of.items() if split == 'train']
     assigned = splits.assign_by_group(
-        [patients[name] for name in train_val],
+        [records[name].patient for name in train_val],
         [('train', 1 - VALIDATION_FRACTION), ('validation', VALIDATION_FRACTION)])
     split_of.update(zip(train_val, assigned))
     return split_of

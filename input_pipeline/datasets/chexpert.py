@@ -28,6 +28,7 @@ LABEL_NAMES = ('No Finding', 'Enlarged Cardiomediastinum', 'Cardiomegaly', 'Lung
                'Pleural Effusion', 'Pleural Other', 'Fracture', 'Support Devices')
 _META_COLUMNS = ('Path', 'Sex', 'Age', 'Frontal/Lateral', 'AP/PA')
 _FOLDER = re.compile(r'CheXpert-v1\.0.*')
+_PATIENT = re.compile(r'patient\d+')  # the folder of each patient's studies
 
 # TFDS ships a legacy builder named 'chexpert', imported lazily on the first
 # look-up of an unknown name (and then it would refuse ours as a duplicate).
@@ -87,7 +88,8 @@ class Chexpert(base.CxrBuilder):
                         np.float32)
       if prefix != os.curdir:
         parts = [prefix, *parts]
-      record = base.Record(path='/'.join(parts), labels_raw=labels,
+      patient = next((p for p in parts if _PATIENT.fullmatch(p)), '')
+      record = base.Record(path='/'.join(parts), labels_raw=labels, patient=patient,
                            source=f'{os.path.basename(path)} line {line}')
       if with_meta:
         record.sex = label_files.parse_sex(row['Sex'])

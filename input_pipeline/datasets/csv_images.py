@@ -2,7 +2,8 @@
 
 `prepare --dataset=csv_images:NAME --csv=FILE --image_col=path
 --label_cols=a,b,c --task=multilabel|multiclass|binary [--split_col=split]
-[--sex_col=...] [--age_col=...] [--view_col=...] [--class_names=x,y,z]`.
+[--patient_col=...] [--sex_col=...] [--age_col=...] [--view_col=...]
+[--class_names=x,y,z]`.
 
 Image paths in `image_col` are relative to manual_dir; FILE is absolute or
 relative to manual_dir. Label names are the label columns' names, with values
@@ -10,7 +11,9 @@ relative to manual_dir. Label names are the label columns' names, with values
 name or its index, stored one-hot; the classes are `class_names` when given,
 else the sorted distinct names (or 0..max when every value is an integer).
 Splits: `split_col` values train / validation (or val, valid, validate) /
-test; without it, a seeded 80/10/10 split over images.
+test; without it, a seeded 80/10/10 split over images, or over patients when
+`patient_col` is given. With `patient_col`, a patient with images in both
+train and test is an error (see base.CxrBuilder).
 
 `make_builder` creates a builder class named NAME that is not registered with
 TFDS: the prepared folder `data_dir/NAME/r<R>/1.0.0` carries its features and
@@ -40,6 +43,7 @@ class CsvImages(base.CxrBuilder, skip_registration=True):
   IMAGE_COL = ''
   LABEL_COLS: tuple[str, ...] = ()  # multiclass: the one column holding the class
   SPLIT_COL = ''
+  PATIENT_COL = ''
   SEX_COL = ''
   AGE_COL = ''
   VIEW_COL = ''
@@ -51,7 +55,8 @@ class CsvImages(base.CxrBuilder, skip_registration=True):
 
   def _list_records(self, manual_dir: str) -> dict[str, list[base.Record]]:
     path = self.CSV_PATH
-    optional = [c for c in (self.SPLIT_COL, self.SEX_COL, self.AGE_COL, self.VIEW_COL) if c]
+    optional = [c for c in (self.SPLIT_COL, self.PATIENT_COL, self.SEX_COL, self.AGE_COL,
+                            self.VIEW_COL) if c]
     _, rows = label_files.read_csv(path, [self.IMAGE_COL, *self.LABEL_COLS, *optional])
     records, split_of = [], []
     for line, row in rows:
@@ -60,6 +65,7 @@ class CsvImages(base.CxrBuilder, skip_registration=True):
           sex=label_files.parse_sex(row[self.SEX_COL]) if self.SEX_COL else '',
           age=label_files.parse_age(row[self.AGE_COL]) if self.AGE_COL else np.nan,
           view=row[self.VIEW_COL].strip().upper() if self.VIEW_COL else '',
+          patient=row[self.PATIENT_COL].strip() if self.PATIENT_COL else '',
           source=f'{os.path.basename(path)} line {line}'))
       if self.SPLIT_COL:
         value = row[self.SPLIT_COL].strip().lower()
@@ -69,7 +75,7 @@ class CsvImages(base.CxrBuilder, skip_registration=True):
               self.SPLIT_COL)
         split_of.append(_SPLIT_VALUES[value])
     if not self.SPLIT_COL:
-      split_of = splits.assign_by_group([r.path for r in records], FRACTIONS)
+      split_of = splits.assign_by_group([r.patient or r.path for r in records], FRACTIONS)
     by_split = {split: [] for split in base.SPLITS}
     for record, split in zip(records, split_of):
       by_split[split].append(record)
@@ -108,8 +114,8 @@ def _class_names(path: str, column: str) -> tuple[str, ...]:
 
 
 def make_builder(name: str, *, manual_dir: str, csv: str, image_col: str,
-                 label_cols: list[str], task: str, split_col: str = '', sex_col: str = '',
-                 age_col: str = '', view_col: str = '',
+                 label_cols: list[str], task: str, split_col: str = '', patient_col: str = '',
+                 sex_col: str = '', age_col: str = '', view_col: str = '',
                  class_names: list[str] | None = None) -> type[CsvImages]:
   """A builder class for one CSV-described dataset.
 
@@ -120,7 +126,7 @@ def make_builder(name: str, *, manual_dir: str, csv: str, image_col: str,
     image_col: the column of image paths (relative to manual_dir).
     label_cols: the label columns (multi-class: exactly one).
     task: 'multilabel', 'multiclass' or 'binary'.
-    split_col, sex_col, age_col, view_col: optional columns.
+    split_col, patient_col, sex_col, age_col, view_col: optional columns.
     class_names: multi-class only: the classes, in order.
 
   Returns:
@@ -145,6 +151,7 @@ def make_builder(name: str, *, manual_dir: str, csv: str, image_col: str,
       'name': name, '__doc__': f'{name}: images listed in {os.path.basename(csv_path)}.',
       '__module__': __name__, 'LABEL_NAMES': label_names, 'TASK': task,
       'CSV_PATH': csv_path, 'IMAGE_COL': image_col, 'LABEL_COLS': tuple(label_cols),
-      'SPLIT_COL': split_col, 'SEX_COL': sex_col, 'AGE_COL': age_col, 'VIEW_COL': view_col}
+      'SPLIT_COL': split_col, 'PATIENT_COL': patient_col, 'SEX_COL': sex_col,
+      'AGE_COL': age_col, 'VIEW_COL': view_col}
   return types.new_class(name, (CsvImages,), {'skip_registration': True},
                          lambda namespace: namespace.update(attributes))

@@ -87,7 +87,9 @@ def read_csv(path: str, required: Sequence[str] = ()) -> tuple[list[str], Rows]:
 
   Raises:
     LabelFileError: a required column is missing (the message lists the
-      columns that are there), or, while iterating, a row is short.
+      columns that are there), or, while iterating, a row is short (naming
+      the first column without a value) or has non-empty fields beyond the
+      header (naming the field's position).
   """
   with _open_text(path) as f:
     header = next(csv.reader(f), None)
@@ -108,8 +110,17 @@ def _rows(path: str, header: list[str]) -> Rows:
       if not values or not any(v.strip() for v in values):
         continue  # blank line, often at the end
       if len(values) < len(header):
-        raise LabelFileError(path, f'{len(values)} fields, the header has {len(header)}',
-                             line=reader.line_num)
+        raise LabelFileError(path, f'{len(values)} fields, the header has {len(header)}: '
+                             f'no value from column {header[len(values)]!r} on',
+                             reader.line_num, header[len(values)])
+      if len(values) > len(header) and any(v.strip() for v in values[len(header):]):
+        # A stray comma (an unquoted value) shifts every later column: refuse
+        # rather than read labels from the wrong columns. Empty extra fields
+        # (a trailing comma) shift nothing and are ignored.
+        extra = next(k for k in range(len(header), len(values)) if values[k].strip())
+        raise LabelFileError(path, f'{len(values)} fields, the header has {len(header)}: '
+                             f'{values[extra]!r} is beyond the last column, {header[-1]!r} '
+                             '(an unquoted comma?)', reader.line_num, f'#{extra + 1}')
       yield reader.line_num, dict(zip(header, values))
 
 

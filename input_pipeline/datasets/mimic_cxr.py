@@ -69,7 +69,7 @@ class MimicCxr(base.CxrBuilder):
       age = anchor_age + (year - anchor_year) if year and anchor_year else anchor_age
       by_split[split].append(base.Record(
           path=f'files/p{subject[:2]}/p{subject}/s{study}/{dicom}.jpg',
-          labels_raw=labels[study], sex=sex, age=age, view=view,
+          labels_raw=labels[study], sex=sex, age=age, view=view, patient=subject,
           source=f'{os.path.basename(split_csv)} line {line}'))
     if unlabelled:
       self._note(f'{unlabelled} images of studies without a row in the chexpert labels file '
