@@ -21,7 +21,15 @@ touched, except by `max_to_keep`, which deletes the oldest only after a newer
 step has committed. What Orbax cannot see is a committed step damaged later
 (a bad disk, a truncated copy, a partial rsync): loading then either fails
 or, worse, yields wrong numbers. The checksums in `meta` catch the second
-case; `restore_latest_intact` walks back over both.
+case; `restore_latest_intact` walks back over both, and a later `save` of a
+step it skipped first moves the damaged folder aside (`<step>.damaged`, kept
+for a person to look at; Orbax ignores the name) and writes the step afresh.
+
+A write that fails (disk full, quota, permissions) fails in the background
+thread. It is raised, as a CheckpointSaveError (an OSError naming the
+directory, the step and the cause), by the next `save` that writes, or by
+`wait`/`close`: at most one checkpoint interval later. The failed step stays
+a tmp folder; steps committed before it are untouched.
 
 Checksum (sharding-invariant, exact, cheap): each leaf's raw bits as uint32
 words w_i (8/16-bit dtypes widened, 64-bit ones split into two words) give
@@ -44,13 +52,16 @@ the step at which they stop (e.g. Orbax's `reached_preemption`, backed by
 
 from collections.abc import Callable, Mapping
 import os
+import re
 import signal
 import threading
 from typing import Any
 
 from absl import logging
+from etils import epath
 import grain
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
@@ -60,6 +71,44 @@ CHECKSUM_METHOD = 'u32sum+u32sum(2i+1)'
 
 class CorruptCheckpointError(RuntimeError):
   """A committed checkpoint step failed to load or verify."""
+
+
+class CheckpointSaveError(OSError):
+  """A checkpoint step could not be written (errno set when the cause names one)."""
+
+
+def _reason(e: BaseException, limit: int = 600) -> str:
+  """`Type: first line` of an error and of its causes, each cut to about `limit` characters.
+
+  Orbax wraps TensorStore's read errors in an Exception whose message embeds
+  the whole TensorStore spec; the cause holds the useful line. A long line
+  keeps its head and its tail (the OS error ends TensorStore's messages).
+  """
+  parts, seen = [], set()
+  while e is not None and id(e) not in seen and len(parts) < 3:
+    seen.add(id(e))
+    line = (str(e).strip().splitlines() or [''])[0]
+    line = line.split(' See full TensorStore details')[0]
+    if len(line) > limit:
+      line = f'{line[:limit // 2]} ... {line[-limit // 2:]}'
+    part = f'{type(e).__name__}: {line}'
+    if part not in parts:
+      parts.append(part)
+    e = e.__cause__ or e.__context__
+  return ' <- '.join(parts)
+
+
+def _errno(e: BaseException) -> int | None:
+  """The errno of an OSError in e's chain, or TensorStore's `os_error_code='N'`."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno:
+      return e.errno
+    if m := re.search(r"os_error_code='?(\d+)", str(e)):
+      return int(m.group(1))
+    e = e.__cause__ or e.__context__
+  return None
 
 
 # ---------------------------------------------------------------- checksums
@@ -156,6 +205,9 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,
         ))
+    self._pending: int | None = None  # the step being written in the background
+    self._failed: CheckpointSaveError | None = None  # a reported write failure
+    self._skipped: dict[int, str] = {}  # steps restore_latest_intact skipped -> why
 
   def save(self, step: int, state: Any, data_iterator: Any | None, meta: Mapping[str, Any],
            force: bool = False) -> bool:
@@ -173,21 +225,70 @@ class Checkpointer:
       force: save even off the interval (pass end, preemption).
 
     Returns:
-      Whether a save was started (False off the interval, or if `step` is
-      already saved: after `restore_latest_intact` walked back over a damaged
-      step, that step stays on disk and is not rewritten; later steps are).
+      Whether a save was started: False off the interval, or if `step` is
+      already committed. A committed step that `restore_latest_intact` skipped
+      as damaged is moved aside to `<step>.damaged` and written afresh.
+
+    Raises:
+      CheckpointSaveError: the previous save's background write failed, or
+        this one could not start (names the directory, step and cause).
     """
     step = int(step)
-    if step in self._manager.all_steps():
-      return False
     if not force and step % self.save_every_steps:
       return False
+    exists = step in self._manager.all_steps()
+    if exists and step not in self._skipped:
+      return False
+    self._finish_pending()
+    if exists:  # and damaged: restore_latest_intact skipped it
+      self._set_aside(step)
     record = {'step': step, 'meta': dict(meta), 'checksum_method': CHECKSUM_METHOD,
               'checksums': state_checksums(state)}
     items = {'state': ocp.args.StandardSave(state), 'meta': ocp.args.JsonSave(record)}
     if data_iterator is not None:
       items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
-    return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    try:
+      started = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    except OSError as e:  # e.g. no space for the tmp folder or its metadata
+      self._failed = self._save_error(step, e)
+      raise self._failed from e
+    self._pending = step if started else None
+    return started
+
+  def _finish_pending(self):
+    """Waits for the background write; a failure becomes one CheckpointSaveError."""
+    if self._failed is not None:
+      raise CheckpointSaveError(
+          f'{self._failed} No further checkpoint is written by this Checkpointer.')
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      self._failed = self._save_error(self._pending, e)
+      raise self._failed from e
+    finally:
+      self._pending = None
+
+  def _save_error(self, step: int | None, e: BaseException) -> CheckpointSaveError:
+    committed = [s for s in self.all_steps() if s != step]
+    message = (f'Checkpoint step {step} could not be written to {self.directory}: {_reason(e)}. '
+               f'The committed steps {committed} are untouched; a restart resumes from the '
+               'newest of them.')
+    code = _errno(e)
+    return CheckpointSaveError(code, message) if code else CheckpointSaveError(message)
+
+  def _set_aside(self, step: int):
+    """Renames a damaged committed step to `<step>.damaged[.N]` (one process renames)."""
+    source = epath.Path(self.directory) / str(step)
+    target, n = source.parent / f'{step}.damaged', 1
+    while target.exists():
+      target, n = source.parent / f'{step}.damaged.{n}', n + 1
+    if jax.process_index() == 0:
+      source.rename(target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'Checkpointer.set_aside.{step}')
+    self._manager.reload()
+    logging.warning('Checkpoint step %d in %s did not restore (%s); moved it to %s and writing '
+                    'step %d afresh.', step, self.directory, self._skipped.pop(step), target, step)
 
   def latest_step(self) -> int | None:
     """The newest committed step (tmp folders of unfinished saves ignored)."""
@@ -198,15 +299,37 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def read_meta(self, step: int | None = None) -> dict[str, Any]:
-    """The `meta` dict saved with a step (newest when None), without reading arrays.
+    """The `meta` dict saved with a step, without reading arrays.
 
     Cheap: lets a caller check that a checkpoint fits the config (datasets,
     heads, model) before building and compiling anything.
+
+    Args:
+      step: a committed step, or None for the newest whose meta reads (a
+        damaged newest step is logged and passed over, as
+        `restore_latest_intact` will).
+
+    Raises:
+      FileNotFoundError: no committed step.
+      CorruptCheckpointError: step None and no step's meta reads.
     """
-    if step is None:
-      step = self.latest_step()
-      if step is None:
-        raise FileNotFoundError(f'No committed checkpoint in {self.directory}.')
+    if step is not None:
+      return self._read_meta(step)
+    steps = self.all_steps()
+    if not steps:
+      raise FileNotFoundError(f'No committed checkpoint in {self.directory}.')
+    last_error = None
+    for s in reversed(steps):
+      try:
+        return self._read_meta(s)
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        logging.warning('Checkpoint step %d in %s: its meta does not read: %s', s, self.directory,
+                        _reason(e))
+        last_error = e
+    raise CorruptCheckpointError(
+        f'No meta of the checkpoint steps {steps} in {self.directory} reads.') from last_error
+
+  def _read_meta(self, step: int) -> dict[str, Any]:
     restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return restored['meta']['meta']
 
@@ -278,7 +401,8 @@ class Checkpointer:
                             data_iterator: Any | None = None) -> tuple[int, Any, dict[str, Any]] | None:
     """Restores the newest step that loads and verifies, walking back.
 
-    Each skipped step is logged (warning) with the reason.
+    Each skipped step is logged (warning) with the reason, and remembered:
+    `save` moves it aside when the run reaches that step again.
 
     Args:
       abstract_state: as for `restore`.
@@ -299,8 +423,9 @@ class Checkpointer:
       try:
         state, meta = self.restore(step, abstract_state, data_iterator)
       except Exception as e:  # pylint: disable=broad-exception-caught
-        logging.warning('Skipping checkpoint step %d in %s: %s: %s', step, self.directory,
-                        type(e).__name__, e)
+        reason = _reason(e)
+        logging.warning('Skipping checkpoint step %d in %s: %s', step, self.directory, reason)
+        self._skipped[step] = reason
         last_error = e
         continue
       return step, state, meta
@@ -310,13 +435,30 @@ class Checkpointer:
     return None
 
   def wait(self):
-    """Blocks until pending saves are written and committed."""
-    self._manager.wait_until_finished()
+    """Blocks until pending saves are written and committed.
+
+    Raises:
+      CheckpointSaveError: a background write failed.
+    """
+    self._finish_pending()
 
   def close(self):
-    """Waits for pending saves, then releases the manager."""
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for pending saves, then releases the manager.
+
+    Raises:
+      CheckpointSaveError: a background write failed (unless already raised:
+        closing after a reported failure, e.g. in a `finally`, is quiet).
+    """
+    try:
+      if self._failed is None:
+        self._finish_pending()
+    finally:
+      try:
+        self._manager.close()
+      except Exception:  # pylint: disable=broad-exception-caught
+        if self._failed is None:
+          raise
+        # Orbax raises the failed write again; it is reported already.
 
   def __enter__(self) -> 'Checkpointer':
     return self

@@ -51,6 +51,14 @@ def prepare_small_demo(path: str) -> str:
   return path
 
 
+def shared_cache_dir(tmp_path_factory) -> str:
+  """The session's compilation cache for these runs: modules running the same
+  demo command (test_resume, test_faults) compile its programs once."""
+  path = tmp_path_factory.getbasetemp() / 'demo_runs_jax_cache'
+  path.mkdir(exist_ok=True)
+  return str(path)
+
+
 def env(cache_dir: str, num_devices: int) -> dict[str, str]:
   """The subprocess environment: N fake CPU devices and a shared compilation cache."""
   e = dict(os.environ)

@@ -37,8 +37,8 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def cache_dir(tmp_path_factory):
-  """One compilation cache for every run of the module: only the first compiles."""
-  return str(tmp_path_factory.mktemp('resume_jax_cache'))
+  """One compilation cache for every run (shared with test_faults): only the first compiles."""
+  return demo_runs.shared_cache_dir(tmp_path_factory)
 
 
 def _wait_for_first_step(run):
