@@ -13,8 +13,9 @@ that mapping (and back out of it on export):
 - Ark checkpoints add `projector.*` (`projector.{0,2}.*` for the MLP variant) and
   `omni_heads.k.*`, one Linear per dataset; DataParallel may prefix `module.`.
 
-Any mismatch (missing, unexpected or wrongly shaped tensors) raises
-WeightsMismatchError listing every offending name: never a silent partial load.
+Any mismatch (missing, unexpected, wrongly shaped or non-float tensors) raises
+WeightsMismatchError listing every offending name: never a silent partial load,
+never an integer, boolean or float64 tensor cast into a float parameter.
 """
 
 from collections.abc import Mapping, Sequence
@@ -40,8 +41,23 @@ _SKIPPED_ON_BACKBONE_LOAD = {
 _IMAGENET_CLASSES = 1000  # the unused `head` that the reference's timm Swin carries
 
 
+# The dtypes a parameter may come in, each exact in float32: PyTorch's parameter
+# dtypes (a .safetensors bfloat16 reads as ml_dtypes' bfloat16). An integer or
+# boolean tensor is not a weight (a buffer, or a file that is not what it
+# claims); float64 is refused too rather than rounded silently.
+_WEIGHT_DTYPES = ('float16', 'bfloat16', 'float32')
+
+
 class WeightsMismatchError(ValueError):
   """A state dict does not fit the model: lists missing, unexpected and misshapen tensors."""
+
+
+def _dtype_error(name: str, value: np.ndarray) -> str | None:
+  """'NAME: checkpoint DTYPE, ...' when `value` may not fill a float parameter, else None."""
+  dtype = np.dtype(value.dtype).name
+  if dtype in _WEIGHT_DTYPES:
+    return None
+  return f'{name}: checkpoint {dtype}, model wants one of {", ".join(_WEIGHT_DTYPES)}'
 
 
 # ----------------------------------------------------------------------------- arrays
@@ -199,7 +215,8 @@ def _assign(abstract_state: nnx.State, tensors: dict[str, np.ndarray], prefix: s
             rename=None) -> tuple[nnx.State, list[str], list[str], set[str]]:
   """Fills the abstract NNX state from torch-named tensors.
 
-  Returns (state, missing, misshapen, used keys).
+  Returns (state, missing, misshapen, used keys); `misshapen` also lists
+  tensors of a dtype that is not a float weight's.
   """
   missing, misshapen, used, leaves = [], [], set(), []
   for path, var in nnx.to_flat_state(abstract_state):
@@ -216,6 +233,10 @@ def _assign(abstract_state: nnx.State, tensors: dict[str, np.ndarray], prefix: s
       misshapen.append(f'{name}: checkpoint {list(value.shape)}, model {list(expected)}')
       leaves.append((path, var))
       continue
+    if wrong := _dtype_error(name, value):
+      misshapen.append(wrong)
+      leaves.append((path, var))
+      continue
     leaves.append((path, var.replace(jnp.asarray(_from_torch_array(path, value), var.dtype))))
   return nnx.from_flat_state(leaves), missing, misshapen, used
 
@@ -224,7 +245,7 @@ def _raise_if_mismatched(what: str, missing, misshapen, unexpected):
   if not (missing or misshapen or unexpected):
     return
   lines = [f'State dict does not fit {what}:']
-  for title, items in (('missing', missing), ('wrong shape', misshapen),
+  for title, items in (('missing', missing), ('wrong shape or dtype', misshapen),
                        ('unexpected', unexpected)):
     if items:
       lines.append(f'  {len(items)} {title}:')
@@ -394,6 +415,11 @@ def load_ark_model(state_dict: Mapping, model_name: str, num_classes: Sequence[i
     if bias is None:
       missing.append(f'omni_heads.{k}.bias [{n}]')
       continue
+    wrong = [e for e in (_dtype_error(f'omni_heads.{k}.weight', weight),
+                         _dtype_error(f'omni_heads.{k}.bias', bias)) if e]
+    if wrong:
+      misshapen += wrong
+      continue
     kernel_DxPxC[k, :, :n] = weight.T
     bias_DxC[k, :n] = bias
   _raise_if_mismatched(f'the Ark model ({model_name})', missing, misshapen, [])
@@ -453,13 +479,17 @@ def init_params(state_dict: Mapping, abstract_model: ark.ArkModel) -> nnx.State:
     kernel_DxPxC = np.zeros((len(found), projector_dim, width), np.float32)
     bias_DxC = np.zeros((len(found), width), np.float32)
     for k, n in enumerate(found):
-      weight = sd[f'omni_heads.{k}.weight']
-      if weight.shape[1] != projector_dim or f'omni_heads.{k}.bias' not in sd:
+      weight, bias = sd[f'omni_heads.{k}.weight'], sd.get(f'omni_heads.{k}.bias')
+      if weight.shape[1] != projector_dim or bias is None or bias.shape != (n,):
         raise WeightsMismatchError(
-            f'omni_heads.{k}: weight {list(weight.shape)} (bias present: '
-            f'{f"omni_heads.{k}.bias" in sd}); the model wants [{n}, {projector_dim}] and a bias.')
+            f'omni_heads.{k}: weight {list(weight.shape)}, bias '
+            f'{None if bias is None else list(bias.shape)}; the model wants [{n}, '
+            f'{projector_dim}] and [{n}].')
+      wrong = [e for e in (_dtype_error(f'omni_heads.{k}.weight', weight),
+                           _dtype_error(f'omni_heads.{k}.bias', bias)) if e]
+      _raise_if_mismatched('the heads (omni_heads)', [], wrong, [])
       kernel_DxPxC[k, :, :n] = weight.T
-      bias_DxC[k, :n] = sd[f'omni_heads.{k}.bias']
+      bias_DxC[k, :n] = bias
     head_state = full['heads']
     head_state['kernel'] = head_state['kernel'].replace(jnp.asarray(kernel_DxPxC))
     head_state['bias'] = head_state['bias'].replace(jnp.asarray(bias_DxC))

@@ -142,11 +142,12 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def check_batch_divisible(global_batch: int, mesh_or_num_devices) -> None:
-  """Raises a ValueError naming config.batch_size unless it splits over the devices."""
+def check_batch_divisible(global_batch: int, mesh_or_num_devices,
+                          key: str = 'config.batch_size') -> None:
+  """Raises a ValueError naming `key` unless `global_batch` splits over the devices."""
   num_devices = (mesh_or_num_devices if isinstance(mesh_or_num_devices, int)
                  else mesh_or_num_devices.size)
   if global_batch % num_devices:
-    raise ValueError(f'config.batch_size={global_batch} (global) is not divisible by the '
+    raise ValueError(f'{key}={global_batch} (global) is not divisible by the '
                      f'{num_devices} devices the batch is split over; use a multiple of '
                      f'{num_devices}.')

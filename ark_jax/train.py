@@ -12,6 +12,8 @@ ARK_SPEC.md section 3; DESIGN.md section 1. One train step (donated state):
   loss = (1 - c) task + c MSE(z_s, z_t); optax update
   ema='step': teacher <- m teacher + (1 - m) student inside the step;
   ema='pass': by a separate jitted call on the last batch of each dataset pass.
+  skip_nonfinite: a non-finite loss or gradient keeps the old params, optimizer
+    state and teacher (selected on the device); otherwise the log raises.
 
 Around it: evaluation (ark_jax/evaluate.py) every eval_every_steps and at the
 end, TensorBoard scalars, a progress bar, SIGTERM -> checkpoint and return.
@@ -28,6 +30,7 @@ from absl import logging
 from flax import nnx
 import jax
 from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import numpy as np
 import optax
 from tensorboard import summary as tb_summary
@@ -69,6 +72,18 @@ def check_config(config, num_devices: int) -> None:
                      "have no dataset passes); use config.ema='step'.")
   if config.max_steps <= 0 and config.num_epochs <= 0:
     raise ValueError('Set config.num_epochs > 0 or config.max_steps > 0.')
+  for key in ('log_every_steps', 'checkpoint_every_steps'):
+    if config[key] < 1:
+      raise ValueError(f'config.{key}={config[key]} must be >= 1.')
+  # The evaluations (periodic, final, --mode=eval) would fail only after training.
+  sharding.check_batch_divisible(config.get('eval_batch_size') or config.batch_size,
+                                 num_devices, key='config.eval_batch_size')
+  if config.data.image_size < config.model.img_size:
+    raise ValueError(f'config.data.image_size={config.data.image_size} (the stored side) is '
+                     f'below config.model.img_size={config.model.img_size}: both views would '
+                     'upsample; prepare the data at model.img_size or larger.')
+  if not isinstance(config.get('skip_nonfinite', False), bool):
+    raise ValueError(f'config.skip_nonfinite={config.skip_nonfinite!r}: use True or False.')
 
 
 def make_train_step(graphdef, config, num_classes, is_multiclass, *,
@@ -86,7 +101,10 @@ def make_train_step(graphdef, config, num_classes, is_multiclass, *,
 
   Returns:
     The step; `batch` holds the STEP_FIELDS as global arrays; metrics are
-    device scalars (plus task_loss_D / count_D, one entry per dataset).
+    device scalars (plus task_loss_D / count_D, one entry per dataset). With
+    config.skip_nonfinite, a step whose loss or gradient norm is not finite
+    keeps params, opt_state and ema_params as they were (state.step still
+    advances) and reports metrics['skipped'] = 1 (else 0).
   """
   tx = train_state_lib.create_optimizer(config)
   o = config.optimizer
@@ -100,6 +118,7 @@ def make_train_step(graphdef, config, num_classes, is_multiclass, *,
   if unknown := set(skip) - {'augment', 'teacher', 'ema'}:
     raise ValueError(f'make_train_step: unknown parts to skip {sorted(unknown)}.')
   consistency_scale = float(config.get('consistency_scale', 1.0))
+  skip_nonfinite = bool(config.get('skip_nonfinite', False))
 
   def teacher_forward(ema_params, x):
     teacher = nnx.merge(graphdef, jax.lax.stop_gradient(ema_params))
@@ -130,20 +149,28 @@ def make_train_step(graphdef, config, num_classes, is_multiclass, *,
         task, task_D, count_D = losses.task_loss(logits, batch['labels'], batch['label_mask'],
                                                  batch['dataset_id'], is_multiclass_D,
                                                  num_classes_D, valid)
-        target = jax.numpy.zeros_like(out['z']) if z_t is None else z_t
+        target = jnp.zeros_like(out['z']) if z_t is None else z_t
         cons = losses.consistency_loss(out['z'], target, valid)
         loss = losses.ark_loss(task, cons, c)
         return loss, dict(task_loss=task, consistency_loss=cons, task_loss_D=task_D,
                           count_D=count_D)
 
       (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+      grad_norm = optax.global_norm(grads)
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
       ema_params = state.ema_params
       if config.ema == 'step' and 'ema' not in skip:
         ema_params = schedules.ema_update(ema_params, params, momentum)
       metrics = dict(loss=loss, lr=lr_fn(state.step), ema_momentum=momentum,
-                     consistency_weight=c, grad_norm=optax.global_norm(grads), **aux)
+                     consistency_weight=c, grad_norm=grad_norm, **aux)
+      if skip_nonfinite:
+        # A selection on the device, not a host check: the host keeps running ahead.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        params, opt_state, ema_params = jax.tree.map(
+            lambda new, old: jnp.where(finite, new, old), (params, opt_state, ema_params),
+            (state.params, state.opt_state, state.ema_params))
+        metrics['skipped'] = jnp.logical_not(finite).astype(jnp.int32)
       new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params,
                                 opt_state=opt_state)
       return new_state, metrics
@@ -192,8 +219,10 @@ class MetricsWriter:
   """Buffers device metrics of the steps since the last log; writes metrics.jsonl.
 
   The buffer is fetched once per log (one host sync per log_every_steps), each
-  step's loss checked for finiteness; the line holds the logged step's values
-  and the throughput over the window. The same scalars go to TensorBoard.
+  step's loss and gradient norm checked for finiteness; the line holds the
+  logged step's values and the throughput over the window. The same scalars go
+  to TensorBoard. Steps the train step skipped (config.skip_nonfinite: metric
+  'skipped') do not raise; the line counts them since step 0 as skipped_steps.
   """
 
   def __init__(self, workdir: str, dataset_names, batch_size: int, write: bool):
@@ -203,6 +232,7 @@ class MetricsWriter:
     self.tensorboard = tb_summary.Writer(os.path.join(workdir, 'tensorboard')) if write else None
     self.pending: list[tuple[int, dict[str, jax.Array], np.ndarray]] = []
     self.window_start = time.perf_counter()
+    self.skipped_steps = 0  # running total, restored from the log on resume
 
   def truncate_after(self, step: int):
     """Drops lines beyond `step` (logged by a run that died before its next checkpoint)."""
@@ -212,28 +242,39 @@ class MetricsWriter:
       lines = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
     with open(self.path, 'w') as f:
       f.writelines(lines)
+    # Every checkpoint step has a line (the loop flushes before saving).
+    if lines:
+      self.skipped_steps = json.loads(lines[-1]).get('skipped_steps', 0)
 
   def add(self, step: int, metrics, dataset_id_B: np.ndarray):
     self.pending.append((step, metrics, dataset_id_B))
 
   def flush(self) -> dict[str, Any] | None:
-    """Fetches the buffered metrics, raises on a non-finite loss, writes one line."""
+    """Fetches the buffered metrics, raises on a non-finite step, writes one line."""
     if not self.pending:
       return None
     fetched = jax.device_get([m for _, m, _ in self.pending])
     now = time.perf_counter()
     for (step, _, ids), m in zip(self.pending, fetched):
-      if not np.isfinite(m['loss']):
+      if m.get('skipped'):
+        self.skipped_steps += 1
+        logging.warning('Step %d skipped (config.skip_nonfinite): non-finite loss %s or '
+                        'gradient norm %s on a batch of dataset(s) %s.', step, m['loss'],
+                        m['grad_norm'], sorted({self.names[i] for i in np.unique(ids)}))
+      elif not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])):
         present = sorted({self.names[i] for i in np.unique(ids)})
         raise FloatingPointError(
-            f'Non-finite loss {float(m["loss"])} at step {step} (task_loss '
-            f'{float(m["task_loss"])}, consistency_loss {float(m["consistency_loss"])}) '
-            f'on a batch of dataset(s) {present}.')
+            f'Non-finite loss {float(m["loss"])} or gradient norm {float(m["grad_norm"])} at '
+            f'step {step} (task_loss {float(m["task_loss"])}, consistency_loss '
+            f'{float(m["consistency_loss"])}) on a batch of dataset(s) {present}. '
+            'config.skip_nonfinite=True would skip such steps instead.')
     step, m = self.pending[-1][0], fetched[-1]
     line: dict[str, Any] = {'step': step}
     for key in ('loss', 'task_loss', 'consistency_loss', 'lr', 'ema_momentum',
                 'consistency_weight', 'grad_norm'):
       line[key] = float(m[key])
+    if 'skipped' in m:
+      line['skipped_steps'] = self.skipped_steps
     for name, loss, count in zip(self.names, m['task_loss_D'], m['count_D']):
       if count > 0:
         line[f'task_loss/{name}'] = float(loss)

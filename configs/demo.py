@@ -63,6 +63,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 'pass': one EMA update per dataset pass, momentum indexed by the pass (the
   # reference); 'step': one per optimizer step, indexed by the step.
   c.ema = 'pass' if c.data.schedule == 'cyclic' else 'step'
+  # True: a step with a non-finite loss or gradient leaves params, optimizer and
+  # teacher as they were and is counted (metrics.jsonl skipped_steps); False: it
+  # stops the run at the next log, naming the step and its datasets.
+  c.skip_nonfinite = False
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = 'sgd'  # Nesterov momentum 0.9 (the reference) | 'adamw'

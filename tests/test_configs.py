@@ -7,8 +7,11 @@ variant is tested without editing this file.
 
 import glob
 import importlib
+import json
 import os
 import re
+import subprocess
+import sys
 
 from flax import nnx
 import jax
@@ -170,7 +173,7 @@ def test_ark6_is_the_published_recipe():
   # Cadences follow the reference's epochs: a checkpoint each, a test every 10.
   assert c.checkpoint_every_steps == common.steps_per_epoch(c.data.datasets, 200) == 3525
   assert c.eval_every_steps == 10 * 3525
-  assert (c.eval_split, c.eval_batch_size, c.ten_crop) == ('test', 100, False)
+  assert (c.eval_split, c.eval_batch_size, c.ten_crop) == ('test', 200, False)
   assert c.init.from_pytorch is None and c.init.from_checkpoint is None
   # configs/ark6.py with no argument is the same run.
   assert _module('ark6').get_config().to_dict() == c.to_dict()
@@ -301,3 +304,102 @@ def test_ablations_change_one_thing_each():
   consolidated = _module('ablations/heads').get_config('consolidated')
   for names, name in zip(consolidated.model.head_labels, consolidated.data.datasets):
     assert tuple(names) == datasets.metadata(name).label_names
+
+
+# ------------------------------------------------------------------ errors before compiling
+
+
+@pytest.mark.parametrize('flag,named', [
+    ('--config.optimizer.lrr=0.1', "'lrr'"),  # an unknown key
+    ('--config.batch_size=3.5', r'--config\.batch_size=3\.5'),  # a float for an int key
+])
+def test_command_line_overrides_of_unknown_keys_or_wrong_types_fail_naming_them(tmp_path, flag,
+                                                                                  named):
+  """ml_collections' override flags (lock_config=True) refuse them while parsing the
+  command line, before ark_jax.main runs: the workdir is not even created."""
+  workdir = tmp_path / 'run'
+  result = subprocess.run(
+      [sys.executable, '-m', 'ark_jax.main', '--config=configs/demo.py', f'--workdir={workdir}',
+       flag], cwd=os.path.dirname(CONFIG_DIR), capture_output=True, text=True, timeout=120,
+      env=dict(os.environ, PYTHONPATH=os.path.dirname(CONFIG_DIR)))
+  assert result.returncode != 0
+  assert re.search(named, result.stderr), result.stderr[-2000:]
+  assert not workdir.exists()
+
+
+def _demo(**overrides):
+  config = _module('demo').get_config()
+  config.update_from_flattened_dict(overrides)
+  return config
+
+
+@pytest.mark.parametrize('overrides,named', [
+    ({'data.schedule': 'mixed'}, r"config\.ema='pass' needs config\.data\.schedule='cyclic'"),
+    ({'mesh.fsdp': 16}, r'config\.mesh\.fsdp=16 exceeds the 8 devices'),
+    ({'mesh.fsdp': 3}, r'config\.mesh\.fsdp=3: 8 devices cannot be split into groups of 3'),
+    ({'batch_size': 12}, r'config\.batch_size=12 \(global\) is not divisible by the 8'),
+    ({'eval_batch_size': 20}, r'config\.eval_batch_size=20 \(global\) is not divisible by the 8'),
+    ({'model.img_size': 48}, r'config\.model \(.*model\.img_size=48.*must be divisible by 32'),
+    ({'model.window_size': 5}, r'config\.model \(.*window_size=5.*not divisible by the window'),
+    ({'model.variant': 'huge'}, r"config\.model \(model\.variant='huge'.*Unknown Swin variant"),
+    ({'model.dtype': 'int8'}, r"config\.model\.dtype='int8': use a float dtype"),
+    ({'data.image_size': 32}, r'config\.data\.image_size=32 .* below config\.model\.img_size=64'),
+    ({'log_every_steps': 0}, r'config\.log_every_steps=0 must be >= 1'),
+], ids=lambda x: next(iter(x)) if isinstance(x, dict) else '')
+def test_inconsistent_configs_fail_before_compiling_naming_the_keys(overrides, named, tmp_path,
+                                                                    monkeypatch):
+  config = _demo(**overrides)
+  with pytest.raises(ValueError, match=named):
+    train.check_config(config, 8)
+
+  # The trainer checks first: nothing is read, built or compiled.
+  def no_compile(*args, **kwargs):
+    raise AssertionError('compiled before the config check')
+
+  monkeypatch.setattr(jax, 'jit', no_compile)
+  monkeypatch.setattr(train.train_state_lib, 'create_train_state', no_compile)
+  with pytest.raises(ValueError, match=named):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not os.listdir(tmp_path)
+
+
+def test_in_process_overrides_of_unknown_keys_or_wrong_types_fail_naming_them():
+  """The same through ml_collections in-process (a locked config, as main.py's flag has)."""
+  config = _demo()
+  config.lock()
+  with pytest.raises(KeyError, match='"skip_nonfinit" does not exist'):
+    config.update_from_flattened_dict({'skip_nonfinit': True})
+  with pytest.raises(TypeError, match="'skip_nonfinite'.*cannot be casted"):
+    config.skip_nonfinite = 1
+  # A config file that sets a wrong type itself: the trainer's check names it.
+  config = _demo()
+  del config['skip_nonfinite']
+  config.skip_nonfinite = 'yes'
+  with pytest.raises(ValueError, match=r"config\.skip_nonfinite='yes': use True or False"):
+    train.check_config(config, 8)
+
+
+def test_warmup_not_below_total_steps_names_both():
+  with pytest.raises(ValueError, match=r'warmup_steps=50 .*not below total_steps=40'):
+    train.resolve_schedule(_demo(), steps_per_epoch=10, num_steps=40)
+  with pytest.raises(ValueError,
+                     match=r'warmup_steps=20 \(from warmup_epochs=2\.0\) .*total_steps=20'):
+    train.resolve_schedule(_demo(**{'optimizer.warmup_epochs': 2.0}), steps_per_epoch=10,
+                           num_steps=20)
+
+
+def test_a_checkpoint_of_another_model_variant_or_family_is_refused_by_name():
+  """check_checkpoint_fits runs on the checkpoint's saved config, before any state exists
+  (tests/test_init.py shows where the trainer calls it: before create_train_state)."""
+  config = _module('ark6_swin_base_224').get_config()
+  saved = json.loads(config.to_json_best_effort())
+  train.check_checkpoint_fits(saved, config, 'The checkpoint')  # itself: fits
+  for key, theirs, pattern in (
+      ('variant', 'tiny', r"model\.variant='tiny', the config has model\.variant='base'"),
+      ('name', 'vit', r"model\.name='vit', the config has model\.name='swin'"),
+      ('projector_mlp', False, r'model\.projector_mlp=False, the config has .*=True'),
+      ('img_size', 256, r'model\.img_size=256, the config has model\.img_size=224')):
+    other = json.loads(json.dumps(saved))
+    other['model'][key] = theirs
+    with pytest.raises(ValueError, match=r'The checkpoint was trained with ' + pattern):
+      train.check_checkpoint_fits(other, config, 'The checkpoint')

@@ -253,3 +253,54 @@ def test_pickles_that_run_code_are_refused(tmp_path):
     pickle.dump({'model': _RunsCode()}, f)
   with pytest.raises(ValueError, match='weights-only'):
     interop.read_state_dict(str(path))
+
+
+def test_safetensors_of_wrong_dtypes_or_shapes_are_refused_naming_each_tensor(tmp_path,
+                                                                             timm_swin):
+  """Integer, boolean and float64 tensors are not cast into float parameters: refused by name."""
+  from safetensors.numpy import save_file
+  good = {k: v.numpy() for k, v in timm_swin.state_dict().items()}
+  bad = dict(good)
+  bad['norm.weight'] = np.round(good['norm.weight']).astype(np.int32)
+  bad['layers.0.blocks.0.attn.qkv.weight'] = good['layers.0.blocks.0.attn.qkv.weight'].astype(
+      np.float64)
+  bad['patch_embed.proj.bias'] = good['patch_embed.proj.bias'] > 0
+  bad['norm.bias'] = np.zeros(5, np.float32)
+  save_file(bad, str(tmp_path / 'bad.safetensors'))
+  with pytest.raises(interop.WeightsMismatchError) as error:
+    interop.load_backbone(interop.read_state_dict(str(tmp_path / 'bad.safetensors')), SWIN_T,
+                          **SMALL)
+  message = str(error.value)
+  assert '4 wrong shape or dtype' in message
+  for line in ('norm.weight: checkpoint int32, model wants one of float16, bfloat16, float32',
+               'layers.0.blocks.0.attn.qkv.weight: checkpoint float64',
+               'patch_embed.proj.bias: checkpoint bool',
+               'norm.bias: checkpoint [5], model [768]'):
+    assert line in message, (line, message)
+
+  # Float16 and bfloat16 are weight dtypes: loaded, exactly, into float32 parameters.
+  half = dict(good, **{'norm.weight': good['norm.weight'].astype(np.float16),
+                       'norm.bias': good['norm.bias'].astype(jnp.bfloat16)})
+  save_file(half, str(tmp_path / 'half.safetensors'))
+  loaded = interop.load_backbone(interop.read_state_dict(str(tmp_path / 'half.safetensors')),
+                                 SWIN_T, **SMALL)
+  for param, key in ((loaded.norm.scale, 'norm.weight'), (loaded.norm.bias, 'norm.bias')):
+    assert param[...].dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(param[...]), half[key].astype(np.float32))
+
+  # The heads of an Ark file (init_params, config.init.from_pytorch) too.
+  abstract = nnx.eval_shape(lambda: ark.ArkModel(
+      registry.create_backbone('swin', registry.backbone_config('swin', 'tiny', **SMALL),
+                               rngs=nnx.Rngs(0)), (3, 2), projector_dim=8, rngs=nnx.Rngs(1)))
+  rng = np.random.default_rng(0)
+  ark_sd = dict(good, **{
+      'projector.weight': rng.normal(size=(8, 768)).astype(np.float32),
+      'projector.bias': np.zeros(8, np.float32),
+      'omni_heads.0.weight': rng.integers(-3, 3, (3, 8)).astype(np.int32),
+      'omni_heads.0.bias': np.zeros(3, np.float32),
+      'omni_heads.1.weight': rng.normal(size=(2, 8)).astype(np.float32),
+      'omni_heads.1.bias': np.zeros(2, np.float32)})
+  save_file(ark_sd, str(tmp_path / 'ark.safetensors'))
+  with pytest.raises(interop.WeightsMismatchError,
+                     match=r'omni_heads\.0\.weight: checkpoint int32'):
+    interop.init_params(interop.read_state_dict(str(tmp_path / 'ark.safetensors')), abstract)

@@ -169,3 +169,26 @@ def test_init_params_that_do_not_fit_are_refused():
   with pytest.raises(ValueError, match='decoder.bias, which the model does not have'):
     train_state.create_train_state(config, config.data.num_classes, mesh,
                                    config.sharding.rules, init_params=unknown)
+
+
+def test_clip_grad_norm_scales_the_gradient_before_the_momentum():
+  """optimizer.clip_grad_norm=c: the step uses g * min(1, c / |g|) (torch's clip_grad_norm_
+  before SGD), so the first update's global norm is lr (1 + m) min(|g|, c)."""
+  config = make_config(**{'optimizer.clip_grad_norm': 0.5, 'optimizer.warmup_steps': 0})
+  tx = train_state.create_optimizer(config)
+  lr = [float(schedules.learning_rate(step, 0.1, 0, 10)) for step in (0, 1)]
+  f32 = lambda *x: np.array(x, np.float32)
+  params = {'w': f32(1.0, -2.0, 0.5), 'b': f32(0.5)}
+  grads = [{'w': f32(3.0, 0.0, -4.0), 'b': f32(0.0)},  # |g| = 5: clipped to 0.5
+           {'w': f32(0.1, 0.2, 0.0), 'b': f32(-0.2)}]  # |g| = 0.3: left as is
+  opt_state, update = tx.init(params), jax.jit(tx.update)  # one compile for both steps
+  updates, opt_state = update(grads[0], opt_state, params)
+  np.testing.assert_allclose(np.linalg.norm(np.concatenate(
+      [np.ravel(u) for u in jax.tree.leaves(updates)])), lr[0] * 1.9 * 0.5, rtol=1e-6)
+  np.testing.assert_allclose(updates['w'], -lr[0] * 1.9 * 0.1 * grads[0]['w'], rtol=1e-6)
+  params = jax.tree.map(lambda p, u: p + np.asarray(u), params, updates)
+  updates, _ = update(grads[1], opt_state, params)
+  # The momentum holds the clipped first gradient: v = 0.9 * 0.1 g_0 + g_1.
+  v = jax.tree.map(lambda g0, g1: 0.9 * 0.1 * g0 + g1, grads[0], grads[1])
+  want = jax.tree.map(lambda g, v: -lr[1] * (g + 0.9 * v), grads[1], v)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9), updates, want)
