@@ -68,6 +68,18 @@ import orbax.checkpoint as ocp
 
 CHECKSUM_METHOD = 'u32sum+u32sum(2i+1)'
 
+# Orbax writes a replicated array in slices, one per replica, to spread the
+# write over devices. Each slice is a small XLA program compiled per leaf shape:
+# for a Swin's hundreds of small leaves that is seconds of compilation at every
+# first save and no faster writing. Slicing only arrays of 16 MiB and more
+# keeps the parallel write where it pays (measured: a 4-client federated demo
+# run on 8 CPU devices, cold compilation cache, 128 s -> 89 s).
+MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL = 16 << 20
+ocp.type_handlers.register_type_handler(
+    jax.Array, ocp.type_handlers.ArrayHandler(
+        min_slice_bytes_for_replica_parallel=MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL),
+    override=True)
+
 
 class CorruptCheckpointError(RuntimeError):
   """A committed checkpoint step failed to load or verify."""

@@ -274,9 +274,10 @@ def dataset_results(scores: Mapping[str, np.ndarray], meta: datasets.DatasetMeta
   return entry
 
 
-def evaluate(config, graphdef, params_by_model: Mapping[str, Any], mesh,
-             predict=None) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
-  """Scores every configured dataset with every model.
+def evaluate(config, graphdef, params_by_model: Mapping[str, Any], mesh, predict=None,
+             names: Sequence[str] | None = None
+             ) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
+  """Scores every configured dataset (or those `names`) with every model.
 
   Args:
     config: the run's ConfigDict (data section, eval_split, eval_batch_size, ten_crop,
@@ -285,19 +286,23 @@ def evaluate(config, graphdef, params_by_model: Mapping[str, Any], mesh,
     params_by_model: e.g. {'student': state.params, 'teacher': state.ema_params}.
     mesh: the run's mesh.
     predict: a make_predict_fn result to reuse (compiled once per run).
+    names: a subset of config.data.datasets to score (a federated client's);
+      None scores them all.
 
   Returns:
     (results, scores): results[dataset] is the JSON entry; scores[dataset] the
     arrays score_dataset returns.
   """
-  names = list(config.data.datasets)
   data_dir = config.data.get('data_dir')
-  meta = [datasets.metadata(n, data_dir) for n in names]
+  meta = [datasets.metadata(n, data_dir) for n in config.data.datasets]
   if predict is None:
     predict = make_predict_fn(graphdef, config, mesh, [m.num_classes for m in meta],
                               [m.task == 'multiclass' for m in meta])
+  if names is not None:
+    meta = [m for m in meta if m.name in names]
+  names = [m.name for m in meta]
   batch_size = config.get('eval_batch_size') or config.batch_size
-  sharding.check_batch_divisible(batch_size, mesh)
+  sharding.check_batch_divisible(batch_size, mesh, key='config.eval_batch_size')
   results, scores = {}, {}
   with jax.set_mesh(mesh):
     for name, m in zip(names, meta):
@@ -310,17 +315,23 @@ def evaluate(config, graphdef, params_by_model: Mapping[str, Any], mesh,
 
 
 def write(workdir: str, step: int, results: Mapping[str, Any],
-          scores: Mapping[str, Mapping[str, np.ndarray]]) -> str:
-  """Writes eval/step_N.json and eval/step_N_scores.npz (call on process 0); the JSON path."""
+          scores: Mapping[str, Mapping[str, np.ndarray]], stem: str | None = None,
+          extra: Mapping[str, Any] | None = None) -> str:
+  """Writes eval/step_N.json and eval/step_N_scores.npz (call on process 0); the JSON path.
+
+  `stem` replaces 'step_N' in the file names (federated: 'round_R'); `extra`
+  adds top-level fields to the JSON.
+  """
   directory = os.path.join(workdir, 'eval')
   os.makedirs(directory, exist_ok=True)
-  path = os.path.join(directory, f'step_{step}.json')
+  stem = stem or f'step_{step}'
+  path = os.path.join(directory, f'{stem}.json')
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
-    json.dump({'step': int(step), 'results': results}, f, indent=1)
+    json.dump({'step': int(step), **(extra or {}), 'results': results}, f, indent=1)
   os.replace(tmp, path)  # a reader never sees half a file
   arrays = {f'{d}/{k}': v for d, fields in scores.items() for k, v in fields.items()}
-  np.savez_compressed(os.path.join(directory, f'step_{step}_scores.npz'), **arrays)
+  np.savez_compressed(os.path.join(directory, f'{stem}_scores.npz'), **arrays)
   return path
 
 

@@ -119,7 +119,7 @@ def check_config(config, num_devices: int) -> None:
   train._init_source(config)  # pylint: disable=protected-access  # at most one source
   if f.mode != 'linear_probe':
     sharding.check_batch_divisible(config.batch_size, num_devices)
-  sharding.check_batch_divisible(config.eval_batch_size, num_devices)
+  sharding.check_batch_divisible(config.eval_batch_size, num_devices, key='config.eval_batch_size')
   try:
     datasets.metadata(f.dataset, config.data.get('data_dir'))
   except ValueError as e:

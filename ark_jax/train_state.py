@@ -26,6 +26,8 @@ Only nnx.Param variables are state. The models have no other variables today
 create_train_state raises if one appears rather than silently dropping it.
 """
 
+import dataclasses
+
 from flax import nnx
 from flax import struct
 import jax
@@ -71,6 +73,36 @@ def check_config(config, num_devices: int) -> None:
   if config.teacher_init not in TEACHER_INITS:
     raise ValueError(f'config.teacher_init={config.teacher_init!r} is unknown; use one of '
                      f'{TEACHER_INITS}.')
+  check_model_config(config.model)
+
+
+def check_model_config(model_cfg) -> None:
+  """The model's sizes tile (Swin windows, ViT patches) and its dtype is a float: no tracing.
+
+  Raises:
+    ValueError: naming config.model and the sizes or dtype at fault.
+  """
+  family = model_cfg.name
+  if family not in registry.FAMILIES:
+    raise ValueError(f'config.model.name={family!r} is unknown; use one of '
+                     f'{sorted(registry.FAMILIES)}.')
+  # The keys registry.create_model passes: the family's config fields that the
+  # config has, less the sizes a named variant fixes.
+  fields = {f.name for f in dataclasses.fields(registry.FAMILIES[family][0])}
+  keys = [k for k in model_cfg if k in fields and model_cfg[k] is not None and not (
+      model_cfg.variant != 'custom' and k in registry.CUSTOM_SIZE_KEYS)]
+  try:
+    registry.backbone_config(family, model_cfg.variant, **{k: model_cfg[k] for k in keys})
+  except (ValueError, TypeError) as e:
+    given = ', '.join(f'model.{k}={model_cfg[k]!r}' for k in ['variant'] + keys)
+    raise ValueError(f'config.model ({given}): {e}') from e
+  try:
+    dtype = jnp.dtype(model_cfg.dtype)
+  except TypeError as e:
+    raise ValueError(f'config.model.dtype={model_cfg.dtype!r} is not a dtype.') from e
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"config.model.dtype={model_cfg.dtype!r}: use a float dtype ('float32', "
+                     "'bfloat16').")
 
 
 def _decay_mask(params):
@@ -139,9 +171,12 @@ def create_train_state(config, num_classes, mesh, rules, *, init_params=None,
   """
   check_config(config, mesh.size)
   tx = create_optimizer(config)
+  # The root key is an argument of the compiled init, not a constant in it: runs
+  # that differ only by seed (federated clients, seeds of an ablation) share one
+  # compiled program.
   root = jax.random.PRNGKey(config.seed)
 
-  def build(stream):
+  def build(stream, root):
     return registry.create_model(config.model, num_classes,
                                  rngs=nnx.Rngs(jax.random.fold_in(root, stream)))
 
@@ -156,28 +191,28 @@ def create_train_state(config, num_classes, mesh, rules, *, init_params=None,
           f'The model has non-Param variables, which TrainState does not hold: {rest}')
     return graphdef, params
 
-  def init(loaded):
-    _, params = split(build(_STUDENT_INIT), loaded)
+  def init(loaded, root):
+    _, params = split(build(_STUDENT_INIT, root), loaded)
     if config.teacher_init == 'copy':
       ema_params = params
     else:
-      _, ema_params = split(build(_TEACHER_INIT), loaded)
+      _, ema_params = split(build(_TEACHER_INIT, root), loaded)
     ema_params = jax.tree.map(lambda x: x.astype(jnp.float32), ema_params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema_params,
                       opt_state=tx.init(params), rng=jax.random.fold_in(root, _TRAIN))
 
-  graphdef, abstract_params, _ = nnx.split(nnx.eval_shape(lambda: build(_STUDENT_INIT)),
+  graphdef, abstract_params, _ = nnx.split(nnx.eval_shape(lambda: build(_STUDENT_INIT, root)),
                                            nnx.Param, ...)
   if init_params is not None:
     _check_init_params(init_params, abstract_params)
   state_shardings = train_state_shardings(abstract_params, tx, mesh, rules)
   if abstract_only:
-    return graphdef, jax.eval_shape(init, init_params), state_shardings
+    return graphdef, jax.eval_shape(init, init_params, root), state_shardings
   with jax.set_mesh(mesh):
     # Initialisers need no backend optimisation (registry.materialize).
-    compiled = jax.jit(init, out_shardings=state_shardings).lower(init_params).compile(
+    compiled = jax.jit(init, out_shardings=state_shardings).lower(init_params, root).compile(
         compiler_options={'xla_backend_optimization_level': 0})
-    state = compiled(init_params)
+    state = compiled(init_params, root)
   return graphdef, state, state_shardings
 
 
