@@ -9,7 +9,8 @@ checkpoint of DIR into DIR/eval/step_N.json; `predict --images=GLOB
 image (ark_jax/predict.py); `export --export_format=ark|timm --output=FILE`
 writes it as PyTorch weights (ark_jax/export.py). A config with a `finetune`
 section (configs/finetune_*.py) makes `train` fine-tune or probe instead
-(ark_jax/finetune.py). On TPU pods and SLURM,
+(ark_jax/finetune.py); one with a `federated` section trains
+clients and a server (ark_jax/federated.py). On TPU pods and SLURM,
 jax.distributed finds its peers itself; --coordinator_address, --num_processes
 and --process_id are for anything else.
 """
@@ -21,6 +22,7 @@ import jax
 from ml_collections import config_flags
 
 from ark_jax import export
+from ark_jax import federated
 from ark_jax import finetune
 from ark_jax import predict
 from ark_jax import train
@@ -60,6 +62,9 @@ def main(argv):
   if _MODE.value == 'train' and 'finetune' in _CONFIG.value:
     # A config with a `finetune` section (configs/finetune_*.py) fine-tunes or probes.
     finetune.run(_CONFIG.value, _WORKDIR.value)
+  elif _MODE.value == 'train' and 'federated' in _CONFIG.value:
+    # A config with a `federated` section (configs/federated_*.py): clients and a server.
+    federated.run(_CONFIG.value, _WORKDIR.value)
   elif _MODE.value == 'train':
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   elif _MODE.value == 'eval':
