@@ -148,12 +148,8 @@ def iterator(client: Client, start: int):
   return pipeline.to_iterator(client.batches, client.config.data, start)
 
 
-def _copy(tree):
-  """New buffers: the train step donates its state, which must not free the server's."""
-  return jax.tree.map(jnp.copy, tree)
-
-
-_copy_jit = jax.jit(_copy)
+# New buffers: the train step donates its state, which must not free the server's.
+_copy_jit = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -230,10 +226,11 @@ def run(config, workdir: str):
   plan = federation.make_plan(config, mesh.size, pipeline.dataset_sizes(config.data))
   f = config.federated
   resolved = [client_config(config, plan, i) for i in range(plan.num_clients)]
-  shared_total = sum(n for _, _, n in resolved) if f.shared_optimizer else None
+  if f.shared_optimizer:  # one LR schedule over the whole federation's steps
+    total = sum(n for _, _, n in resolved)
+    resolved = [client_config(config, plan, i, total) for i in range(plan.num_clients)]
   clients = []
-  for i in range(plan.num_clients):
-    c, steps_per_round, _ = client_config(config, plan, i, shared_total)
+  for i, (c, steps_per_round, _) in enumerate(resolved):
     batches = pipeline.train_batches(c.data, config.batch_size, config.seed,
                                      num_epochs=c.num_epochs or None)
     clients.append(Client(i, c, np.asarray(plan.clients[i], np.int32), steps_per_round, batches))
@@ -267,6 +264,7 @@ def run(config, workdir: str):
   fed = {'server': server, 'clients': states}
   fed_sh = {'server': shardings[0].params, 'clients': shardings}
   if f.parallel:
+    # Imported here: federated_parallel builds on this module's helpers.
     from ark_jax import federated_parallel  # pylint: disable=g-import-not-at-top
     fed, fed_sh, loop = federated_parallel.prepare(config, plan, clients, graphdef, fed, fed_sh,
                                                    num_classes, is_multiclass)

@@ -153,7 +153,6 @@ def test_parallel_clients_equal_the_sequential_run(data_dir, tmp_path):
   leaves_seq = jax.tree.leaves(jax.device_get(sequential['server']))
   leaves_par = jax.tree.leaves(jax.device_get(parallel['server']))
   assert len(leaves_seq) == len(leaves_par)
-  moved = 0.0
   for s, p in zip(leaves_seq, leaves_par):
     np.testing.assert_allclose(p, s, atol=1e-5, rtol=0)
   # The round did train: the server moved from client 0's initial student.
