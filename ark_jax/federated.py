@@ -66,7 +66,6 @@ from ark_jax import federation
 from ark_jax import sharding
 from ark_jax import train
 from ark_jax import train_state as train_state_lib
-from input_pipeline import datasets
 from input_pipeline import pipeline
 
 
@@ -217,12 +216,7 @@ def run(config, workdir: str):
   train.check_config(config, mesh.size)
   is_main = jax.process_index() == 0
   names = list(config.data.datasets)
-  meta = [datasets.metadata(n, config.data.get('data_dir')) for n in names]
-  num_classes = tuple(config.data.num_classes)
-  if num_classes != tuple(m.num_classes for m in meta):
-    raise ValueError(f'config.data.num_classes={num_classes} but the datasets {names} have '
-                     f'{tuple(m.num_classes for m in meta)} classes.')
-  is_multiclass = [m.task == 'multiclass' for m in meta]
+  _, num_classes, is_multiclass = train.dataset_heads(config)
   plan = federation.make_plan(config, mesh.size, pipeline.dataset_sizes(config.data))
   f = config.federated
   resolved = [client_config(config, plan, i) for i in range(plan.num_clients)]
@@ -368,6 +362,16 @@ def round_log(workdir: str, round_index: int, seconds: float, steps: int):
       fp.write(json.dumps({'round': round_index, 'seconds': seconds, 'steps': steps}) + '\n')
 
 
+def checkpoint_or_stop(config, position: Position, save, fed) -> bool:
+  """After a step: checkpoints at the interval, or on SIGTERM and then says stop (True)."""
+  preempted = train._stop_requested(position.global_step, config.log_every_steps)  # pylint: disable=protected-access
+  if preempted or position.global_step % config.checkpoint_every_steps == 0:
+    save(fed, position, force=True)
+  if preempted:
+    logging.warning('Stopped by SIGTERM at step %d; the checkpoint is saved.', position.global_step)
+  return preempted
+
+
 def _train_faithful(config, plan: federation.Plan, clients, fed, position: Position, save, run_eval,
                     workdir):
   """The clients one after another, round after round (see the module docstring)."""
@@ -401,18 +405,13 @@ def _train_faithful(config, plan: federation.Plan, clients, fed, position: Posit
           position.consumed[i] += 1
           position.client_steps[i] += 1
           client.writer.add(position.client_steps[i], metrics, host['dataset_id'][host['valid']])
-          preempted = train._stop_requested(position.global_step, config.log_every_steps)  # pylint: disable=protected-access
           if position.client_steps[i] % config.log_every_steps == 0:
             client.writer.flush()
           states[i] = state
           if position.step == client.steps_per_round:
             position.client, position.step = i + 1, 0
             position.holder = i
-          if preempted or position.global_step % config.checkpoint_every_steps == 0:
-            save({'server': server, 'clients': states}, position, force=True)
-          if preempted:
-            logging.warning('Stopped by SIGTERM at step %d; the checkpoint is saved.',
-                            position.global_step)
+          if checkpoint_or_stop(config, position, save, {'server': server, 'clients': states}):
             return {'server': server, 'clients': states}, position, True, results
       finally:
         it.close()

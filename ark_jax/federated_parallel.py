@@ -16,7 +16,6 @@ rows stacked into [K, B, ...] and split as P('client', ('data', 'fsdp')).
 
 import time
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType
@@ -113,13 +112,9 @@ def prepare(config, plan, clients, graphdef, fed, fed_sh, num_classes, is_multic
                 c.writer.flush()
             if position.step == f.local_steps:
               position.client, position.step = plan.num_clients, 0
-            preempted = train._stop_requested(position.global_step, config.log_every_steps)  # pylint: disable=protected-access
-            if preempted or position.global_step % config.checkpoint_every_steps == 0:
-              save({'server': server, 'clients': states}, position, force=True)
-            if preempted:
-              logging.warning('Stopped by SIGTERM at step %d; the checkpoint is saved.',
-                              position.global_step)
-              return {'server': server, 'clients': states}, position, True, results
+            fed = {'server': server, 'clients': states}
+            if federated.checkpoint_or_stop(config, position, save, fed):
+              return fed, position, True, results
         finally:
           for it in its:
             it.close()

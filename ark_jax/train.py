@@ -322,6 +322,20 @@ def resolve_schedule(config, steps_per_epoch: int, num_steps: int):
   return config
 
 
+def dataset_heads(config):
+  """(metadata, class counts, multi-class flags) of the configured datasets, in head order.
+
+  Raises a ValueError when config.data.num_classes disagrees with the prepared data.
+  """
+  names = list(config.data.datasets)
+  meta = [datasets.metadata(n, config.data.get('data_dir')) for n in names]
+  num_classes = tuple(config.data.num_classes)
+  if num_classes != tuple(m.num_classes for m in meta):
+    raise ValueError(f'config.data.num_classes={num_classes} but the datasets {names} have '
+                     f'{tuple(m.num_classes for m in meta)} classes.')
+  return meta, num_classes, [m.task == 'multiclass' for m in meta]
+
+
 def check_head_labels(config, meta: Sequence[datasets.DatasetMetadata]) -> None:
   """A consolidated head's `config.model.head_labels` must name each dataset's labels."""
   head_labels = config.model.get('head_labels')
@@ -455,15 +469,9 @@ def train_and_evaluate(config, workdir: str):
   mesh = sharding.make_mesh(config.mesh)
   check_config(config, mesh.size)
   is_main = jax.process_index() == 0
-  data_dir = config.data.get('data_dir')
   names = list(config.data.datasets)
-  meta = [datasets.metadata(n, data_dir) for n in names]
-  num_classes = tuple(config.data.num_classes)
-  if num_classes != tuple(m.num_classes for m in meta):
-    raise ValueError(f'config.data.num_classes={num_classes} but the datasets {names} have '
-                     f'{tuple(m.num_classes for m in meta)} classes.')
+  meta, num_classes, is_multiclass = dataset_heads(config)
   check_head_labels(config, meta)
-  is_multiclass = [m.task == 'multiclass' for m in meta]
   steps_per_epoch = pipeline.steps_per_epoch(config.data, config.batch_size)
   num_steps = config.num_epochs * steps_per_epoch
   if config.max_steps > 0:
