@@ -228,20 +228,9 @@ def run(config, workdir: str):
     batches = pipeline.train_batches(c.data, config.batch_size, config.seed,
                                      num_epochs=c.num_epochs or None)
     clients.append(Client(i, c, np.asarray(plan.clients[i], np.int32), steps_per_round, batches))
-  os.makedirs(workdir, exist_ok=True)
-  if is_main:
-    with open(os.path.join(workdir, 'config.json'), 'w') as fp:
-      fp.write(config.to_json_best_effort(indent=2))
-
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                 save_every_steps=config.checkpoint_every_steps)
-  init_params = None
-  if ckpt.latest_step() is not None:
-    saved = ckpt.read_meta().get('config', {})
-    train.check_checkpoint_fits(saved, config, f'The checkpoint in {ckpt.directory}')
-    _check_federation_fits(saved, config, ckpt.directory)
-  else:
-    init_params = train.load_init_params(config, num_classes, mesh)
+  ckpt, init_params = train.open_workdir(
+      config, workdir, num_classes, mesh,
+      check_saved=lambda saved, directory: _check_federation_fits(saved, config, directory))
 
   # ----------------------------------------------------------------------------
   # States: the server (client 0's initial student, which is plain Ark's) and

@@ -450,6 +450,31 @@ def load_init_params(config, num_classes, mesh) -> Any:
 _CHECKPOINT_MODELS = {'teacher': 'ema_params', 'student': 'params'}
 
 
+def open_workdir(config, workdir: str, num_classes, mesh, check_saved=None):
+  """Writes workdir/config.json (process 0) and opens workdir/checkpoints.
+
+  Resume order: this workdir's checkpoint > config.init > scratch. A checkpoint's
+  saved config must fit `config` (check_checkpoint_fits, and `check_saved(saved_config,
+  directory)` when given), read from its metadata before anything is built.
+
+  Returns:
+    (the Checkpointer, the config.init weights or None).
+  """
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                 save_every_steps=config.checkpoint_every_steps)
+  if ckpt.latest_step() is None:
+    return ckpt, load_init_params(config, num_classes, mesh)
+  saved = ckpt.read_meta().get('config', {})
+  check_checkpoint_fits(saved, config, f'The checkpoint in {ckpt.directory}')
+  if check_saved is not None:
+    check_saved(saved, ckpt.directory)
+  return ckpt, None
+
+
 # ------------------------------------------------------------------------------ the run
 
 
@@ -477,20 +502,7 @@ def train_and_evaluate(config, workdir: str):
   if config.max_steps > 0:
     num_steps = min(num_steps, config.max_steps) if config.num_epochs > 0 else config.max_steps
   config = resolve_schedule(config, steps_per_epoch, num_steps)
-  os.makedirs(workdir, exist_ok=True)
-  if is_main:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
-
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                 save_every_steps=config.checkpoint_every_steps)
-  # Resume order: this workdir's checkpoint > config.init > scratch.
-  init_params = None
-  if ckpt.latest_step() is not None:
-    check_checkpoint_fits(ckpt.read_meta().get('config', {}), config,
-                          f'The checkpoint in {ckpt.directory}')
-  else:
-    init_params = load_init_params(config, num_classes, mesh)
+  ckpt, init_params = open_workdir(config, workdir, num_classes, mesh)
 
   # ----------------------------------------------------------------------------
   # Train state (created sharded), data and step functions.
