@@ -28,8 +28,10 @@ blank or partly decoded image.
 import collections.abc
 import io
 import os
+import struct
 from typing import NamedTuple
 import warnings
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -42,6 +44,7 @@ MAX_PIXELS = 100_000_000
 # Pillow's default 6 for ~15% more bytes (BENCHMARKS.md, prepare throughput);
 # reading speed is the same.
 PNG_COMPRESS_LEVEL = 1
+_PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 _DICOM_SUFFIXES = ('.dcm', '.dicom')
 _PIL_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.gif', '.webp')
 
@@ -152,10 +155,27 @@ def resize(grey: np.ndarray, size: int) -> np.ndarray:
 
 
 def encode_png(grey: np.ndarray) -> bytes:
-  """PNG bytes of a grey uint8 image (what tfds.features.Image stores)."""
-  buf = io.BytesIO()
-  Image.fromarray(grey).save(buf, format='PNG', compress_level=PNG_COMPRESS_LEVEL)
-  return buf.getvalue()
+  """PNG bytes of a grey uint8 image (what tfds.features.Image stores).
+
+  8-bit greyscale, one IDAT chunk, every row unfiltered (PNG filter type 0).
+  Written here rather than by Pillow, which picks a filter per row: its files
+  are ~20% smaller, but undoing the filters was the training pipeline's largest
+  cost per image (0.77 ms of a 256² image's 1.4 ms); unfiltered rows decode with
+  one zlib inflate (sources.decode_png, 0.26 ms). Any PNG reader reads them.
+  """
+  grey = np.asarray(grey)
+  if grey.dtype != np.uint8 or grey.ndim != 2:
+    raise ValueError(f'encode_png takes a grey uint8 [H, W] image, got {grey.dtype}{grey.shape}')
+  h, w = grey.shape
+  rows_Hx1pW = np.concatenate([np.zeros((h, 1), np.uint8), grey], axis=1)  # filter byte 0
+  header = struct.pack('>IIBBBBB', w, h, 8, 0, 0, 0, 0)  # 8-bit grey, no interlace
+  return b''.join([_PNG_SIGNATURE, _png_chunk(b'IHDR', header),
+                   _png_chunk(b'IDAT', zlib.compress(rows_Hx1pW.tobytes(), PNG_COMPRESS_LEVEL)),
+                   _png_chunk(b'IEND', b'')])
+
+
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+  return struct.pack('>I', len(data)) + tag + data + struct.pack('>I', zlib.crc32(tag + data))
 
 
 def load_resized_png(path: str, size: int,

@@ -146,5 +146,9 @@ def apply_policy(raw_NxC, policy: LabelPolicy, num_classes_max: int, *, seed: in
     mask[uncertain] = 0.0
   if policy.blank == 'ignore':
     mask[blank] = 0.0
-  pad = [(0, 0)] * (raw.ndim - 1) + [(0, num_classes_max - num_classes)]
-  return np.pad(labels, pad), np.pad(mask, pad)
+  # Zeros then a slice: np.pad cost a tenth of a 256-px example's read time.
+  labels_M = np.zeros(raw.shape[:-1] + (num_classes_max,), np.float32)
+  mask_M = np.zeros_like(labels_M)
+  labels_M[..., :num_classes] = labels
+  mask_M[..., :num_classes] = mask
+  return labels_M, mask_M

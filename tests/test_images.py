@@ -173,3 +173,39 @@ def test_real_radiograph_from_pydicom_data():
   assert grey.max() - grey.min() > 150
   # MONOCHROME1 inverted: a lung is darker than the spine between the lungs.
   assert grey[900:1100, 300:700].mean() + 30 < grey[900:1100, 800:1000].mean()
+
+
+def test_stored_png_is_unfiltered_read_fast_and_strict():
+  """encode_png writes unfiltered rows that any reader (Pillow) decodes to the same pixels;
+  decode_png reads them without Pillow, still reads Pillow's filtered PNGs, and
+  refuses a truncated or corrupt one."""
+  from input_pipeline import sources
+  rng = np.random.default_rng(0)
+  for shape in [(1, 1), (3, 5), (256, 256)]:
+    grey = rng.integers(0, 256, shape, dtype=np.uint8)
+    png = images.encode_png(grey)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), grey)
+    np.testing.assert_array_equal(sources.decode_png(png), grey)
+    assert sources._decode_unfiltered_grey(png) is not None  # the fast path, not Pillow
+    filtered = io.BytesIO()
+    Image.fromarray(grey).save(filtered, format='PNG', compress_level=6)
+    np.testing.assert_array_equal(sources.decode_png(filtered.getvalue()), grey)
+  smooth = np.add.outer(np.arange(64), np.arange(64)).astype(np.uint8)
+  filtered = io.BytesIO()
+  Image.fromarray(smooth).save(filtered, format='PNG')  # Pillow filters a gradient's rows
+  assert sources._decode_unfiltered_grey(filtered.getvalue()) is None
+  png = images.encode_png(smooth)
+  flipped = bytearray(png)
+  flipped[50] ^= 1  # inside the IDAT chunk
+  for bad, message in [(png[:-5], 'no IEND'), (png[:60], 'ends early'),
+                       (bytes(flipped), 'fails its CRC')]:
+    with pytest.raises(ValueError, match=message):
+      sources.decode_png(bad)
+  # A valid CRC over a damaged zlib stream: zlib's own checksum catches it.
+  length = struct.unpack('>I', png[33:37])[0]
+  stream = bytearray(png[41:41 + length])
+  stream[-1] ^= 1
+  chunk = b'IDAT' + bytes(stream)
+  forged = png[:33] + png[33:37] + chunk + struct.pack('>I', zlib.crc32(chunk)) + png[45 + length:]
+  with pytest.raises(ValueError, match='corrupt PNG image data'):
+    sources.decode_png(forged)

@@ -145,3 +145,28 @@ def test_unknown_variant_and_wrong_input_shape():
     swin.SwinConfig.from_variant('huge')
   with pytest.raises(ValueError, match=r'Expected NHWC images \[B, 64, 64, 3\]'):
     small_swin()(jnp.zeros((1, 3, 64, 64)))
+
+
+def test_layer_norm_backward_equals_autodiff():
+  """layers.layer_norm's closed-form backward gives autodiff's gradients of the plain formula."""
+  from ark_jax.models import layers
+  kx, ks, kb, kw = jax.random.split(jax.random.key(0), 4)
+  x = jax.random.normal(kx, (2, 5, 7, 24)) * 3.0 + 1.5
+  scale, bias = 1.0 + 0.3 * jax.random.normal(ks, (24,)), jax.random.normal(kb, (24,))
+  weights = jax.random.normal(kw, x.shape)
+
+  def plain(x, scale, bias):
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale[None, None, None] + bias[None, None, None]
+
+  def loss(fn):
+    return lambda *args: (fn(*args) * weights).sum()
+
+  ours = jax.value_and_grad(loss(lambda *a: layers.layer_norm(*a, 1e-5)), argnums=(0, 1, 2))
+  ref = jax.value_and_grad(loss(plain), argnums=(0, 1, 2))
+  (value, grads), (value_ref, grads_ref) = ours(x, scale, bias), ref(x, scale, bias)
+  np.testing.assert_allclose(value, value_ref, rtol=1e-6)
+  for g, g_ref in zip(grads, grads_ref):
+    assert float(jnp.abs(g_ref).max()) > 0.1
+    np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5)
