@@ -26,7 +26,6 @@ blank or partly decoded image.
 """
 
 import collections.abc
-import io
 import os
 import struct
 from typing import NamedTuple
