@@ -18,6 +18,8 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from input_pipeline import images
+
 
 class BadRecordError(ValueError):
   """Prepared data that cannot be read: a truncated shard, a corrupt or mis-sized image."""
@@ -129,8 +131,6 @@ def decode_png(png: bytes) -> np.ndarray:
     return np.asarray(image)
 
 
-_PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
-
 
 def _decode_unfiltered_grey(png: bytes) -> np.ndarray | None:
   """u8[H, W] of an 8-bit grey, non-interlaced PNG whose rows are all unfiltered.
@@ -141,7 +141,7 @@ def _decode_unfiltered_grey(png: bytes) -> np.ndarray | None:
   Raises:
     ValueError: a truncated or corrupt PNG.
   """
-  if png[:8] != _PNG_SIGNATURE:
+  if png[:8] != images.PNG_SIGNATURE:
     return None  # Pillow names what it is
   pos, header, idat = 8, None, []
   while True:
@@ -155,7 +155,7 @@ def _decode_unfiltered_grey(png: bytes) -> np.ndarray | None:
       raise ValueError(f'corrupt PNG: chunk {tag!r} fails its CRC')
     if tag == b'IHDR':
       header = struct.unpack('>IIBBBBB', data)
-      if header[2:] != (8, 0, 0, 0, 0):  # not 8-bit grey, deflate, adaptive filtering, progressive
+      if header[2:] != (8, 0, 0, 0, 0):  # anything but 8-bit grey, no interlace
         return None
     elif tag == b'IDAT':
       idat.append(data)
