@@ -142,8 +142,10 @@ def _kill_inside_a_save(run, workdir, after: int) -> int:
   raise AssertionError(f'No save in flight after {demo_runs.TIMEOUT_S} s:\n{run.describe()}')
 
 
-@pytest.mark.parametrize('schedule', sorted(SCHEDULES))
-def test_sigkill_inside_an_async_save(schedule, reference, data_dir, cache_dir, tmp_path):
+def test_sigkill_inside_an_async_save(reference, data_dir, cache_dir, tmp_path):
+  # One schedule: what is under test is Orbax's uncommitted step folder, which the
+  # schedule does not touch (tests/test_resume.py kills both schedules' runs).
+  schedule = 'cyclic'
   workdir = tmp_path / 'run'
   killed = _start(schedule, workdir, tmp_path / 'killed.log', data_dir, cache_dir)
   demo_runs.wait_for_checkpoint(killed, str(workdir), EVERY)
