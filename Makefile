@@ -27,8 +27,9 @@ $(VENV)/.installed-test: requirements.txt requirements-test.txt $(VENV)/.install
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
+# One worker per core, each test file on one worker (its module fixtures built once).
 test: install-test
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q -n auto --dist loadfile tests
 
 DEMO_DATA := workdir/data
 DEMO_SETS := demo_multilabel demo_subset demo_binary demo_count

@@ -31,8 +31,14 @@ at R = config.data.image_size (ark_jax/pipeline_benchmark.py). --num_cpu_devices
 fakes N CPU devices (sharding overhead on one host; they share the cores).
 """
 
+if __name__ == '__main__':
+  # Before JAX starts: XLA's CPU buffers stay mapped between steps (ark_jax/host_memory.py).
+  from ark_jax import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.reexec_with_tuned_malloc()
+
 import dataclasses
 import json
+import os
 import resource
 import statistics
 import sys
@@ -367,23 +373,31 @@ def _compile_variants(config, setup: StepSetup, split: bool):
   return variants
 
 
-def alternate(programs: dict, states: dict, batches: dict, steps: int,
-               warmup: int) -> dict[str, list[float]]:
+def alternate(programs: dict, states: dict, batches: dict, steps: int, warmup: int,
+              page_faults: dict[str, list[int]] | None = None) -> dict[str, list[float]]:
   """Calls the programs in turn (A B C A B C ...); the step times of each.
 
   programs: name -> (`call(state, batch) -> state`, key); the call threads
   (and donates) states[key] and reads batches[key]. Each call ends with one
-  block_until_ready on the state, the only host sync.
+  block_until_ready on the state, the only host sync. With `page_faults`,
+  each timed call's minor page faults (the whole process's) go in there too.
   """
   times = {name: [] for name in programs}
   for i in range(warmup + steps):
     for name, (call, key) in programs.items():
       batch = batches[key][i % len(batches[key])]
+      faults = _minor_page_faults()
       start = time.perf_counter()
       states[key] = jax.block_until_ready(call(states[key], batch))
       if i >= warmup:
         times[name].append(time.perf_counter() - start)
+        if page_faults is not None:
+          page_faults.setdefault(name, []).append(_minor_page_faults() - faults)
   return times
+
+
+def _minor_page_faults() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _peak(device, mesh, before: float) -> tuple[float, str]:
@@ -424,8 +438,10 @@ def run_step(config, steps: int = 20, warmup: int = 3, *, split: bool = True,
   with jax.set_mesh(setup.mesh):
     variants = _compile_variants(config, setup, split)
     # Every variant threads the one state: each call donates what the last returned.
+    page_faults = {}
     times = alternate({name: (v.call, 'state') for name, v in variants.items()},
-                       {'state': setup.state}, {'state': setup.batches}, steps, warmup)
+                      {'state': setup.state}, {'state': setup.batches}, steps, warmup,
+                      page_faults)
   peak, peak_kind = _peak(device, setup.mesh, peak_before)
   result = {
       'mode': 'step',
@@ -439,6 +455,10 @@ def run_step(config, steps: int = 20, warmup: int = 3, *, split: bool = True,
       **_throughput(times['full'], config.batch_size, setup.flops_per_image, peak, peak_kind,
                     device),
       'program_memory_bytes': _program_bytes(variants['full'].program.memory_analysis()),
+      # Minor page faults of a full step (median): ~0 once XLA's CPU temporaries
+      # stay mapped (ark_jax/host_memory.py), their page count otherwise.
+      'page_faults_per_step': int(statistics.median(page_faults['full'])),
+      'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
   }
   if not split:
     return result
@@ -564,6 +584,9 @@ def summary_lines(result: dict) -> list[str]:
       f"peak memory {r['peak_memory_bytes'] / 2**30:.2f} GiB ({r['peak_memory_source']}); "
       f"compiled program {(r['program_memory_bytes'] or 0) / 2**30:.2f} GiB",
   ]
+  if 'page_faults_per_step' in r:
+    lines.append(f"minor page faults per step {r['page_faults_per_step']} "
+                 f"(GLIBC_TUNABLES={r['glibc_tunables'] or 'unset'})")
   if 'split' in r:
     lines.append(f"split of the step ({r['ema']} EMA): "
                  + ', '.join(f'{k} {v:.1%}' for k, v in r['split'].items()))

@@ -15,6 +15,11 @@ jax.distributed finds its peers itself; --coordinator_address, --num_processes
 and --process_id are for anything else.
 """
 
+if __name__ == '__main__':
+  # Before JAX starts: XLA's CPU buffers stay mapped between steps (ark_jax/host_memory.py).
+  from ark_jax import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.reexec_with_tuned_malloc()
+
 from absl import app
 from absl import flags
 from absl import logging

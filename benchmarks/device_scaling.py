@@ -17,6 +17,11 @@ step gets more efficient per image with the batch; --global_batch keeps the
 work fixed, so that the ratio to 1 device is the cost of sharding alone.
 """
 
+if __name__ == '__main__':
+  # Before JAX starts: XLA's CPU buffers stay mapped between steps (ark_jax/host_memory.py).
+  from ark_jax import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.reexec_with_tuned_malloc()
+
 import json
 import statistics
 
