@@ -5,21 +5,26 @@ Swin-T/128 batch-16 train step) with posix_memalign on one of its worker
 threads. glibc serves a request that large from that thread's arena with a
 fresh mmap and munmaps it when the step frees it, so every step page-faults
 the whole buffer back in: 205,000 minor faults and 0.5-0.7 s of kernel time
-per step on 2 cores, about a quarter of the step (BENCHMARKS.md, closing the
-gap). PyTorch's allocations stay under glibc's mmap threshold and do not pay
-this.
+per step on 2 cores; the step is 1.27x faster without them (BENCHMARKS.md,
+closing the gap). PyTorch's step, counted the same way, faults ~0 times.
 
 With one arena (the main heap, which grows by brk), no mmap for large chunks
 and no trimming of the heap's top, the freed buffer stays mapped and the next
-step reuses it: no page faults after the first step. glibc reads these
+step reuses it: the Swin-T/128 step had 0 page faults in every timed run. Not
+guaranteed: when smaller allocations split a freed block, the next step's
+buffer no longer fits and the heap grows (faulted in) again; the smoke model
+at batch 32 (74 MB of temporaries), beside another busy process, still faulted
+14,000 pages in its median step. glibc reads these
 settings only when a process starts (GLIBC_TUNABLES), so the command-line
 entry points call `reexec_with_tuned_malloc()` first: it re-executes the same
 command, same pid, once, with the tunables added. It does nothing where it
 would not help: outside Linux/glibc, when an accelerator plugin is installed
 and JAX_PLATFORMS does not say cpu (a GPU or TPU step's temporaries live in
 device memory), when the tunables are already set, or with
-ARK_JAX_MALLOC=system. The cost is memory a long run keeps instead of
-returning to the system: the peak host RSS, which it reaches anyway.
+ARK_JAX_MALLOC=system. The costs: memory a long run keeps instead of
+returning to the system (the peak host RSS, which it reaches anyway), and
+malloc contention between XLA's threads in one arena, which made a 20-30 ms
+step of a tiny model (31 MB of temporaries, which glibc keeps anyway) slower.
 """
 
 import os

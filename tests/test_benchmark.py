@@ -1,5 +1,7 @@
 """ark_jax/benchmark.py on tiny configs: real timings, FLOPs, MFU, memory and the step split."""
 
+import os
+
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -101,6 +103,9 @@ def test_step_mode_times_the_train_step_and_splits_it():
     assert result['split'][part] == pytest.approx((median['full'] - median[part]) / median['full'])
   assert sum(result['split'].values()) == pytest.approx(1.0)
   assert result['compile_s'] > 0 and result['peak_memory_bytes'] > 0
+  # In-process (no re-execution): glibc's defaults, whatever they make of the step.
+  assert result['glibc_tunables'] == os.environ.get('GLIBC_TUNABLES', '')
+  assert isinstance(result['page_faults_per_step'], int) and result['page_faults_per_step'] >= 0
 
 
 def test_heads_mode_times_both_programs_and_their_ratio():
