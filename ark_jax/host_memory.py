@@ -14,10 +14,11 @@ step reuses it: the Swin-T/128 step had 0 page faults in every timed run. Not
 guaranteed: when smaller allocations split a freed block, the next step's
 buffer no longer fits and the heap grows (faulted in) again; the smoke model
 at batch 32 (74 MB of temporaries), beside another busy process, still faulted
-14,000 pages in its median step. glibc reads these
-settings only when a process starts (GLIBC_TUNABLES), so the command-line
-entry points call `reexec_with_tuned_malloc()` first: it re-executes the same
-command, same pid, once, with the tunables added. It does nothing where it
+14,000 pages in its median step.
+
+glibc reads these settings only when a process starts (GLIBC_TUNABLES), so
+the command-line entry points call `reexec_with_tuned_malloc()` first: it
+re-executes the same command, same pid, once, with the tunables added. It does nothing where it
 would not help: outside Linux/glibc, when an accelerator plugin is installed
 and JAX_PLATFORMS does not say cpu (a GPU or TPU step's temporaries live in
 device memory), when the tunables are already set, or with
@@ -27,6 +28,7 @@ malloc contention between XLA's threads in one arena, which made a 20-30 ms
 step of a tiny model (31 MB of temporaries, which glibc keeps anyway) slower.
 """
 
+from collections.abc import Callable
 import os
 import pkgutil
 import sys
@@ -37,24 +39,27 @@ OPT_OUT_ENV = 'ARK_JAX_MALLOC'  # 'system' leaves glibc's defaults alone
 _ACCELERATOR_PLUGINS = ('jax_cuda', 'jax_rocm', 'libtpu')
 
 
-def tuned_environment(environ, *, accelerator_plugins: bool) -> dict[str, str] | None:
+def tuned_environment(environ, *, accelerator_plugins: Callable[[], bool]
+                      ) -> dict[str, str] | None:
   """The environment to re-execute with, or None where nothing should change.
 
   Tunables the user already set win: ours are added only for keys not in
-  GLIBC_TUNABLES.
+  GLIBC_TUNABLES. `accelerator_plugins` is asked last, only when JAX_PLATFORMS
+  does not decide (it scans sys.path: 60 ms, not repeated in the re-executed
+  process).
   """
   mode = environ.get(OPT_OUT_ENV, 'tuned')
   if mode not in ('tuned', 'system'):
     raise ValueError(f'{OPT_OUT_ENV}={mode!r}: expected tuned (the default) or system.')
   if mode == 'system':
     return None
-  platforms = [p.strip() for p in environ.get('JAX_PLATFORMS', '').split(',') if p.strip()]
-  if platforms[:1] != ['cpu'] and (platforms or accelerator_plugins):
-    return None
   current = [t for t in environ.get('GLIBC_TUNABLES', '').split(':') if t]
   set_keys = {t.partition('=')[0] for t in current}
   missing = [t for t in TUNABLES if t.partition('=')[0] not in set_keys]
   if not missing:
+    return None
+  platforms = [p.strip() for p in environ.get('JAX_PLATFORMS', '').split(',') if p.strip()]
+  if platforms[:1] != ['cpu'] and (platforms or accelerator_plugins()):
     return None
   return {**environ, 'GLIBC_TUNABLES': ':'.join(current + missing)}
 
@@ -81,7 +86,7 @@ def reexec_with_tuned_malloc() -> None:
   """
   if not applies_here():
     return
-  env = tuned_environment(os.environ, accelerator_plugins=accelerator_plugins_installed())
+  env = tuned_environment(os.environ, accelerator_plugins=accelerator_plugins_installed)
   if env is None:
     return
   sys.stdout.flush()

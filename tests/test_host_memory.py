@@ -1,4 +1,4 @@
-"""ark_jax/host_memory.py: the entry points' malloc settings, and that they stop XLA's page faults."""
+"""ark_jax/host_memory.py: when the entry points re-execute, and where large blocks then land."""
 
 import json
 import os
@@ -14,30 +14,34 @@ TUNED = ':'.join(host_memory.TUNABLES)
 
 
 def test_cpu_processes_get_the_tunables_added_to_what_the_user_set():
-  env = host_memory.tuned_environment({'PATH': '/bin'}, accelerator_plugins=False)
+  env = host_memory.tuned_environment({'PATH': '/bin'}, accelerator_plugins=lambda: False)
   assert env == {'PATH': '/bin', 'GLIBC_TUNABLES': TUNED}
 
   # Other tunables stay; one of ours the user set keeps the user's value.
   user = 'glibc.malloc.tcache_count=0:glibc.malloc.arena_max=4'
-  env = host_memory.tuned_environment({'GLIBC_TUNABLES': user}, accelerator_plugins=False)
+  env = host_memory.tuned_environment({'GLIBC_TUNABLES': user}, accelerator_plugins=lambda: False)
   assert env['GLIBC_TUNABLES'] == (user + ':glibc.malloc.mmap_max=0'
                                    ':glibc.malloc.trim_threshold=1099511627776')
-  # Once they are all there (the re-executed process), nothing changes again.
-  assert host_memory.tuned_environment(env, accelerator_plugins=False) is None
+  # Once they are all there (the re-executed process), nothing changes again,
+  # and sys.path is not scanned for plugins a second time.
+  def not_asked():
+    raise AssertionError('accelerator plugins looked up again')
+  assert host_memory.tuned_environment(env, accelerator_plugins=not_asked) is None
 
 
 def test_accelerators_and_the_opt_out_are_left_alone():
-  assert host_memory.tuned_environment({}, accelerator_plugins=True) is None
-  assert host_memory.tuned_environment({'JAX_PLATFORMS': 'cuda'}, accelerator_plugins=False) is None
+  assert host_memory.tuned_environment({}, accelerator_plugins=lambda: True) is None
+  assert host_memory.tuned_environment({'JAX_PLATFORMS': 'cuda'},
+                                       accelerator_plugins=lambda: False) is None
   assert host_memory.tuned_environment({'JAX_PLATFORMS': 'tpu,cpu'},
-                                       accelerator_plugins=False) is None
+                                       accelerator_plugins=lambda: False) is None
   # A CPU run on a GPU host, said so explicitly, is tuned.
-  env = host_memory.tuned_environment({'JAX_PLATFORMS': 'cpu'}, accelerator_plugins=True)
+  env = host_memory.tuned_environment({'JAX_PLATFORMS': 'cpu'}, accelerator_plugins=lambda: True)
   assert env['GLIBC_TUNABLES'] == TUNED
   assert host_memory.tuned_environment({'ARK_JAX_MALLOC': 'system'},
-                                       accelerator_plugins=False) is None
+                                       accelerator_plugins=lambda: False) is None
   with pytest.raises(ValueError, match=r"ARK_JAX_MALLOC='off': expected tuned .* or system"):
-    host_memory.tuned_environment({'ARK_JAX_MALLOC': 'off'}, accelerator_plugins=False)
+    host_memory.tuned_environment({'ARK_JAX_MALLOC': 'off'}, accelerator_plugins=lambda: False)
 
 
 # Re-executes itself as the entry points do, then allocates 200 MB on a new
@@ -60,7 +64,7 @@ def allocate():
     for line in maps:
       start, end = (int(a, 16) for a in line.split()[0].split('-'))
       if start <= address < end:
-        where['region'] = line.split()[-1] if line.strip().endswith('[heap]') else 'own mapping'
+        where['region'] = '[heap]' if line.strip().endswith('[heap]') else 'own mapping'
   libc.free(address)
 
 thread = threading.Thread(target=allocate)
