@@ -156,7 +156,7 @@ def make_train_step(graphdef, config, num_classes, is_multiclass, *,
                           count_D=count_D)
 
       (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-      grad_norm = optax.global_norm(grads)
+      grad_norm = optax.tree.norm(grads)
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
       ema_params = state.ema_params

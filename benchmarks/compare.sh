@@ -19,7 +19,7 @@
 # Where torch sees CUDA, both sides compute in bfloat16 (torch: autocast).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=.venv/bin/python
+PY=${PY:-.venv/bin/python}
 export PYTHONPATH=.
 
 model=${1:-swin_tiny} img=${2:-128} window=${3:-4} batch=${4:-16}

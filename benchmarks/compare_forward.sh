@@ -11,7 +11,7 @@
 # MODEL is a configs/ark6.py name (swin_tiny|swin_small|swin_base|swin_large).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=.venv/bin/python
+PY=${PY:-.venv/bin/python}
 export PYTHONPATH=.
 
 model=${1:-swin_tiny} img=${2:-128} window=${3:-4} batch=${4:-16}

@@ -12,7 +12,7 @@
 # DATA_DIR holds the four demo datasets prepared at 64 px (make demo does it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=.venv/bin/python
+PY=${PY:-.venv/bin/python}
 data=${1:?DATA_DIR with the prepared demo datasets}
 rounds=${2:-3}
 devices=${3:-8}
