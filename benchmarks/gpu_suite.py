@@ -189,7 +189,8 @@ def verdict_lines(outcomes: list[Outcome]) -> list[str]:
   return lines
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None):
+  argv = sys.argv[1:] if argv is None else argv
   args = parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   deadline = Deadline(args.budget_s)
@@ -234,7 +235,7 @@ def main(argv=None):
   split = next((o.result['split'] for o in outcomes
                 if o.label == 'step split' and o.result), None)
   report = [f'# ark_jax GPU benchmark ({time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})',
-            '', f'Command: python3 benchmarks/gpu_suite.py {shlex.join(sys.argv[1:] or [])}',
+            '', f'Command: python3 benchmarks/gpu_suite.py {shlex.join(argv)}',
             f'Step: {args.steps} timed after {args.warmup} warm-up; JAX computes in '
             f'{args.dtype} with float32 parameters, PyTorch under bfloat16 autocast on CUDA.',
             '', *table_lines(outcomes), '', *verdict_lines(outcomes)]
