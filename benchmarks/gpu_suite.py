@@ -1,9 +1,10 @@
 r"""Issue 6's GPU measurements in one call, under one deadline: what benchmarks/gpu.sh runs.
 
   python3 benchmarks/gpu_suite.py --out=$OUT                  # on a lent H200 (gpu.sh)
-  .venv/bin/python benchmarks/gpu_suite.py --out=/tmp/g --model=swin_tiny --img_size=64 \
-      --window_size=2 --batches=4 --large_config=configs/ark6.py:swin_tiny,64,2 \
-      --large_start=2 --large_max=4 --steps=2 --warmup=1       # the same plan, tiny, on a CPU
+  .venv/bin/python benchmarks/gpu_suite.py --out=/tmp/g --model=swin_custom --img_size=64 \
+      --window_size=4 --sizes='{"embed_dim": 32, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 4, 8]}' \
+      --batches=2 --large_config=configs/ark6.py:smoke --large_start=2 --large_min=1 \
+      --large_max=2 --steps=2 --warmup=1 --dtype=float32   # the same plan, tiny, on a CPU
 
 Each run is its own process, so an out-of-memory error or a crash costs one
 row, not the call. In order of what matters most, while time is left:
@@ -127,16 +128,24 @@ def batch_search(try_batch, start: int, smallest: int, largest: int) -> list[Out
     outcomes.append(try_batch(batch))
 
 
-def jax_step_cmd(python: str, config: str, batch: int, args, split: bool = False) -> list[str]:
-  return [python, '-m', 'ark_jax.benchmark', '--mode=step', f'--config={config}',
+def jax_step_cmd(python: str, config: str, batch: int, args, sizes: dict | None = None,
+                 split: bool = False) -> list[str]:
+  """The JAX step's command; `sizes` (--sizes) override config.model's."""
+  overrides = [f'--config.model.{key}={tuple(value) if isinstance(value, list) else value}'
+               for key, value in (sizes or {}).items()]
+  return [python, '-m', 'ark_jax.benchmark', '--mode=step', f'--config={config}', *overrides,
           f'--config.batch_size={batch}', f'--config.model.dtype={args.dtype}',
           f'--split={str(split).lower()}', f'--steps={args.steps}', f'--warmup={args.warmup}']
 
 
 def torch_step_cmd(python: str, batch: int, args) -> list[str]:
-  return [python, 'benchmarks/torch_reference.py', '--model',
-          f'{args.model}_patch4_window7_224', '--img_size', str(args.img_size),
-          '--window_size', str(args.window_size), '--batch_size', str(batch),
+  """The PyTorch reference step's command, the same Swin (timm's, --sizes as its kwargs)."""
+  # A custom Swin is timm's SwinTransformer with the sizes given; every named
+  # variant shares the rest (patch 4, MLP ratio 4).
+  variant = 'swin_base' if args.model == 'swin_custom' else args.model
+  return [python, 'benchmarks/torch_reference.py', '--model', f'{variant}_patch4_window7_224',
+          '--img_size', str(args.img_size), '--window_size', str(args.window_size),
+          '--batch_size', str(batch), '--backbone_kwargs', json.dumps(args.sizes),
           '--steps', str(args.steps), '--warmup', str(args.warmup)]
 
 
@@ -216,7 +225,7 @@ def main(argv: list[str] | None = None):
       return outcome
 
     def step_pair(batch: int):
-      record(run_json(jax_step_cmd(args.python, base, batch, args),
+      record(run_json(jax_step_cmd(args.python, base, batch, args, args.sizes),
                       Outcome('step', 'jax', batch), deadline, args.run_cap_s, log, env))
       record(run_json(torch_step_cmd(args.python, batch, args),
                       Outcome('step', 'torch', batch), deadline, args.run_cap_s, log, env))
@@ -228,7 +237,8 @@ def main(argv: list[str] | None = None):
     for batch in args.batches[1:]:
       step_pair(batch)
     if args.split and deadline.left() > args.split_min_s:
-      record(run_json(jax_step_cmd(args.python, base, args.batches[0], args, split=True),
+      record(run_json(jax_step_cmd(args.python, base, args.batches[0], args, args.sizes,
+                                   split=True),
                       Outcome('step split', 'jax', args.batches[0]), deadline,
                       args.run_cap_s, log, env))
 
@@ -258,6 +268,9 @@ def parse_args(argv=None):
   parser.add_argument('--model', default='swin_base', help='configs/ark6.py model name')
   parser.add_argument('--img_size', type=int, default=224)
   parser.add_argument('--window_size', type=int, default=7)
+  parser.add_argument('--sizes', type=json.loads, default={},
+                      help='JSON, with --model=swin_custom: {"embed_dim": 32, "depths": '
+                      '[1, 1, 1, 1], "num_heads": [1, 2, 4, 8]} on both sides')
   parser.add_argument('--batches', type=lambda s: [int(b) for b in s.split(',')],
                       default=[128, 256], help='comma-separated batch sizes, JAX and PyTorch')
   parser.add_argument('--dtype', default='bfloat16', help="JAX's config.model.dtype")

@@ -182,7 +182,7 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads)
   torch.manual_seed(args.seed)
   student, teacher, optimizer = build(args.model, args.img_size, args.window_size, device,
-                                      args.projector_mlp, args.lr)
+                                      args.projector_mlp, args.lr, **args.backbone_kwargs)
   flops_per_image = 4 * forward_flops(student, args.img_size, device)  # DESIGN.md section 5
   if args.compile:  # off by default: the reference runs eager
     student, teacher = torch.compile(student), torch.compile(teacher)
@@ -246,6 +246,9 @@ def parse_args(argv=None):
   parser.add_argument('--img_size', type=int, default=128, help='S, both views\' side in pixels')
   parser.add_argument('--window_size', type=int, default=4, help='Swin window (0: timm default)')
   parser.add_argument('--batch_size', type=int, default=16)
+  parser.add_argument('--backbone_kwargs', type=json.loads, default={},
+                      help='JSON: more timm.create_model arguments, e.g. a custom Swin\'s '
+                      '{"embed_dim": 32, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 4, 8]}')
   parser.add_argument('--projector_mlp', action='store_true',
                       help='Linear-ReLU-Linear projector (mirror config.model.projector_mlp)')
   parser.add_argument('--consistency_weight', type=float, default=0.25, help='c in the loss')
