@@ -114,16 +114,13 @@ def batch_search(try_batch, start: int, smallest: int, largest: int) -> list[Out
   Stops at the first run that was skipped or timed out: the budget is spent.
   """
   outcomes = [try_batch(start)]
-  step = 2 if outcomes[0].result is not None else 0.5
+  growing = outcomes[0].result is not None  # else shrinking to the first that fits
   batch = start
   while True:
-    batch = int(batch * step)
+    batch = batch * 2 if growing else batch // 2
     last = outcomes[-1]
-    if last.status.startswith(('skipped', 'timeout')) or not smallest <= batch <= largest:
-      return outcomes
-    if step == 2 and last.result is None:  # the one past the largest that fits
-      return outcomes
-    if step == 0.5 and last.result is not None:  # the first that fits on the way down
+    if (last.status.startswith(('skipped', 'timeout')) or not smallest <= batch <= largest
+        or (last.result is not None) != growing):  # growing: one failed; shrinking: one ran
       return outcomes
     outcomes.append(try_batch(batch))
 
@@ -286,6 +283,9 @@ def parse_args(argv=None):
   parser.add_argument('--steps', type=int, default=20, help='timed steps per run')
   parser.add_argument('--warmup', type=int, default=3, help='untimed steps per run')
   args = parser.parse_args(argv)
+  if bool(args.sizes) != (args.model == 'swin_custom'):
+    parser.error(f'--sizes goes with --model=swin_custom (and only there), got '
+                 f'--model={args.model} --sizes={json.dumps(args.sizes)}')
   if not args.large_min <= args.large_start <= args.large_max:
     parser.error(f'need --large_min <= --large_start <= --large_max, got {args.large_min}, '
                  f'{args.large_start}, {args.large_max}')
