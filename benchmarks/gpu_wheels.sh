@@ -15,7 +15,8 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 
 pin() {  # NAME -> NAME==VERSION as requirements.txt pins it
-  grep -E "^$1==" requirements.txt | cut -d ' ' -f 1
+  grep -E "^$1==" requirements.txt | cut -d ' ' -f 1 | grep . ||
+    { echo "gpu_wheels.sh: requirements.txt pins no '$1==VERSION'" >&2; exit 1; }
 }
 
 download() {  # DIR SPEC...: CPython 3.12 x86-64 wheels, without their dependencies
@@ -28,9 +29,13 @@ download() {  # DIR SPEC...: CPython 3.12 x86-64 wheels, without their dependenc
       -d "$dir" "$@"
 }
 
+# Assignments (set -e stops at a missing pin), before the old .whl is removed.
+ml_collections=$(pin ml-collections)
+grain=$(pin grain)
+tfds=$(pin tensorflow-datasets)
 rm -rf .whl
 mkdir -p .whl/fallback
-download .whl "$(pin ml-collections)" "$(pin grain)" "$(pin tensorflow-datasets)" \
+download .whl "$ml_collections" "$grain" "$tfds" \
     array-record==0.8.6 dm-tree==0.1.10 immutabledict==4.3.1 portpicker==1.6.0 \
     simple-parsing==0.1.9 docstring-parser==0.18.0 termcolor==3.3.0 toml==0.10.2 \
     tensorflow-metadata==1.21.0 googleapis-common-protos==1.76.0
